@@ -1,0 +1,136 @@
+"""AlexNet as in Krizhevsky, Sutskever & Hinton (NIPS 2012): the paper's recipe.
+
+Every number from the paper carries its source in a comment; "PAPER.md" is the
+project's specification (../shared/PAPER.md): "§3.x" are sections of the paper,
+"cuda-convnet" the authors' code, which fills the gaps the paper leaves.
+
+Command:
+  python launch.py --config=configs/alexnet.py --workdir=/tmp/alexnet \
+      --config.data.manual_dir=/path/with/ILSVRC2012_tars
+
+Variants (``--config=configs/alexnet.py:VARIANT``):
+  demo         the built-in generated data and a small network; minutes on a CPU.
+  no_lrn       ablation: no local response normalisation (§3.3).
+  no_overlap   ablation: 2x2/2 pools instead of overlapping 3x3/2 (§3.4).
+  one_tower    ablation: one tower with half the kernels per conv layer (§3.2).
+  tanh         ablation: tanh instead of ReLU (§3.1).
+"""
+
+import ml_collections
+
+
+def get_config(variant: str = ''):
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # ---------------------------------------------------------------- model
+  m = config.model = ml_collections.ConfigDict()
+  m.num_classes = 1000  # ILSVRC-2012 has 1000 classes (§2).
+  m.num_towers = 2  # Two GPUs, one tower each (§3.2, Figure 2).
+  # Kernels per tower in conv1..conv5: 96/256/384/384/256 in total, half on
+  # each GPU (§3.5, Figure 2).
+  m.conv_features = (48, 128, 192, 192, 128)
+  m.fc_features = 2048  # fc6 and fc7: 4096 neurons each, half per GPU (§3.5).
+  m.width_multiplier = 1.0  # Scales every conv/fc width (small variants only).
+  # Layers whose input is gathered from all towers; fc8 always combines the
+  # towers. "The kernels of the third convolutional layer are connected to all
+  # kernel maps in the second layer... the neurons in the fully-connected
+  # layers are connected to all neurons in the previous layer" (§3.5).
+  m.exchange = ('conv3', 'fc6', 'fc7')
+  # 224x224 crops give 55x55 conv1 maps in cuda-convnet, whose output size
+  # 1 + ceil((2*pad + img - filter) / stride) reads zeros past the
+  # bottom/right edge ('cuda-convnet'). 'valid' with 227 crops is Caffe's
+  # choice; 'torchvision' pads 2 on every side.
+  m.conv1_padding = 'cuda-convnet'
+  m.activation = 'relu'  # ReLU (§3.1); 'tanh' for the Figure 1 ablation.
+  # Local response normalisation, b = a / (k + alpha sum a^2)^beta over n
+  # adjacent maps (§3.3): k=2, n=5, alpha=1e-4, beta=0.75.
+  m.use_lrn = True
+  m.lrn_k = 2.0
+  m.lrn_n = 5
+  m.lrn_alpha = 1e-4
+  m.lrn_beta = 0.75
+  # cuda-convnet2 and Caffe divide alpha by n; the paper does not.
+  m.lrn_alpha_over_n = False
+  # Overlapping max pooling, z=3, s=2 (§3.4).
+  m.pool_window = 3
+  m.pool_stride = 2
+  m.dropout_rate = 0.5  # Dropout 0.5 in fc6 and fc7 (§4.2).
+  # Weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden fc
+  # layers, 0 elsewhere (§5). 'he' is the modern alternative (biases 0).
+  m.init_scheme = 'paper'
+  m.init_stddev = 0.01
+  m.init_bias_one = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
+  m.dtype = 'float32'  # Activations/matmuls; 'bfloat16' for mixed precision.
+
+  # ----------------------------------------------------------------- mesh
+  # ('data', 'tower') device mesh. -1: the tower axis takes num_towers devices
+  # when that many exist (else 1: both towers on each device), the data axis
+  # the rest.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.tower_axis_size = -1
+  config.mesh.data_axis_size = -1
+
+  # ------------------------------------------------------------ optimizer
+  # v <- 0.9 v - 0.0005 lr w - lr g;  w <- w + v   (§5).
+  o = config.optim = ml_collections.ConfigDict()
+  o.learning_rate = 0.01  # "initialized at 0.01" (§5).
+  o.momentum = 0.9  # §5.
+  o.weight_decay = 5e-4  # §5.
+  # The paper decays every parameter at lr x1; cuda-convnet (and Caffe) decay
+  # weights only and give biases twice the learning rate.
+  o.decay_biases = True
+  o.bias_lr_multiplier = 1.0
+
+  # ---------------------------------------------------------- training
+  config.batch_size = 128  # "batch size of 128 examples" (§5).
+  config.num_epochs = 90  # "roughly 90 cycles through the training set" (§5).
+
+  # ----------------------------------------------------------------- data
+  d = config.data = ml_collections.ConfigDict()
+  d.dataset = 'imagenet2012'  # 'imagenet2012' | 'demo' | 'folder'.
+  d.manual_dir = ''  # Holds ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar.
+  d.data_dir = ''  # tfds data dir; '' is tfds's default (~/tensorflow_datasets).
+  d.folder = ''  # For dataset='folder': root with train/<class>/*, val/<class>/*.
+  d.resize_size = 256  # Shorter side to 256, central 256x256 (§2).
+  d.crop_size = 224  # Random 224x224 crops (§4.1).
+  d.random_flip = True  # Horizontal reflections (§4.1).
+  d.pca_noise = True  # Altering RGB intensities (§4.1).
+  d.pca_alpha_stddev = 0.1  # alpha ~ N(0, 0.1) (§4.1).
+  # RGB covariance eigen-decomposition used by cuda-convnet on the 0-255 scale:
+  # eigenvectors as columns, and their code scales by standard deviations.
+  d.pca_eigvecs = ((0.418, -0.713, -0.564),
+                   (-0.817, -0.024, -0.576),
+                   (0.397, 0.701, -0.592))
+  d.pca_stddevs = (19.72, 37.09, 121.78)
+  # Per-pixel mean image of the training set, computed by a tool and cached
+  # here; '' falls back to the per-channel means (cuda-convnet's values).
+  d.mean_image_path = ''
+  d.channel_means = (127.3, 119.7, 104.9)
+  d.shuffle_buffer = 10_000
+  d.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE.
+  d.prefetch = 2  # Global batches prepared ahead of the step.
+
+  if variant:
+    apply_variant(config, variant)
+  return config
+
+
+def apply_variant(config, variant):
+  for v in variant.split(','):
+    if v == 'no_lrn':
+      config.model.use_lrn = False  # §3.3 ablation: +1.4% top-1 without it.
+    elif v == 'no_overlap':
+      config.model.pool_window = 2  # §3.4 ablation: s = z = 2.
+    elif v == 'one_tower':
+      # §3.2: one GPU with half the kernels per conv layer, except conv5 and
+      # the fc layers, kept whole so the parameter count stays close (fn. 2).
+      config.model.num_towers = 1
+      config.model.conv_features = (48, 128, 192, 192, 256)
+      config.model.fc_features = 4096
+    elif v == 'tanh':
+      config.model.activation = 'tanh'  # §3.1, Figure 1.
+    elif v == 'demo':
+      pass  # Filled in with the launch/training issue.
+    else:
+      raise ValueError(f'Unknown config variant {v!r}.')
