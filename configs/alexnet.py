@@ -107,9 +107,19 @@ def get_config(variant: str = ''):
   # here; '' falls back to the per-channel means (cuda-convnet's values).
   d.mean_image_path = ''
   d.channel_means = (127.3, 119.7, 104.9)
+  # Antialiased bilinear resize to 256 (the paper does not say which filter).
+  d.resize_antialias = True
+  # Records are shuffled inside fixed windows of this many (after permuting
+  # the shards each epoch), so a restart can jump to any step cheaply.
   d.shuffle_buffer = 10_000
   d.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE.
   d.prefetch = 2  # Global batches prepared ahead of the step.
+  # dataset='demo': generated ILSVRC2012-format archives (alexnet_jax/
+  # demo_data.py), one shape/pattern kind per class, varied images.
+  d.demo_num_classes = 10
+  d.demo_train_per_class = 260
+  d.demo_val_per_class = 50
+  d.demo_image_size = (60, 160)  # Image sides drawn in [min, max] pixels.
 
   if variant:
     apply_variant(config, variant)
@@ -131,6 +141,7 @@ def apply_variant(config, variant):
     elif v == 'tanh':
       config.model.activation = 'tanh'  # §3.1, Figure 1.
     elif v == 'demo':
-      pass  # Filled in with the launch/training issue.
+      config.data.dataset = 'demo'
+      # Filled in with the launch/training issue (model and optimizer).
     else:
       raise ValueError(f'Unknown config variant {v!r}.')

@@ -1,0 +1,457 @@
+"""Input pipeline: ImageNet (tfds), the built-in demo, or a folder of images.
+
+  train_iterator(config, mesh, start_step=0)  -> {'images', 'labels'}, forever
+  eval_iterator(config, mesh, ten_crop=False) -> {'images', 'labels', 'mask'}
+
+Batches are global `jax.Array`s sharded over the mesh's 'data' axis (and
+replicated over 'tower'), assembled from each process's own slice of the data.
+
+Determinism and resume. Each epoch has its own order, a pure function of
+(seed, epoch): shards (tfds) are permuted, then records are shuffled inside
+fixed windows of `config.data.shuffle_buffer` records (folders: the file list
+is permuted whole). Every example's augmentation is seeded by (seed, process,
+epoch, position). Records are grouped into batches *before* decoding, so
+batch k of epoch e always holds the same records; a restart at step N skips
+whole shards and windows without reading them and lands on the same batch.
+
+Undecodable records. Each batch is decoded as a small inner dataset with
+`ignore_errors`; the holes a bad record leaves are filled by repeating the
+batch's good examples (train) or masked out (eval), so shapes and batch
+boundaries never move. The number skipped travels with the batch and is
+logged (absl, WARNING) as a running total; nothing crashes.
+"""
+
+import dataclasses
+import os
+import queue
+import threading
+from typing import Callable, Optional, Sequence
+
+from absl import logging
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from alexnet_jax import preprocess as pp
+
+tf.config.set_visible_devices([], 'GPU')  # TensorFlow never takes a GPU.
+
+DATASETS = ('imagenet2012', 'demo', 'folder')
+IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+_SPLITS = {'train': 'train', 'eval': 'validation'}
+
+
+# ------------------------------------------------------------------ sources
+@dataclasses.dataclass
+class Source:
+  """One split's records for one process, readable from any position.
+
+  `records(order_seed, start)` gives a dataset of (image bytes, label) in
+  the epoch order picked by `order_seed` (None: stored order), from record
+  `start` on.
+  """
+  num_examples: int  # This process's.
+  total_examples: int  # All processes'.
+  num_classes: int
+  records: Callable[[Optional[Sequence[int]], int], tf.data.Dataset]
+
+
+def process_range(n, process_index, process_count):
+  """[start, end) of process `process_index`'s contiguous share of n records
+  (the first n % count processes get one more, as `tfds.even_splits`)."""
+  base, extra = divmod(n, process_count)
+  start = process_index * base + min(process_index, extra)
+  return start, start + base + (process_index < extra)
+
+
+def make_seed(*parts):
+  """A stateless-RNG seed (shape [2], int64) from integers (tensors ok)."""
+  seed = tf.constant([parts[0], 0], tf.int64)
+  for p in parts[1:]:
+    seed = tf.random.experimental.stateless_fold_in(seed, p)
+  return seed
+
+
+def _windowed_shuffle(ds, window, order_seed, first_window):
+  """Shuffles inside consecutive windows of `window` records; window w's
+  permutation depends only on (order_seed, w)."""
+  seed = make_seed(*order_seed)
+
+  def shuffle(w, batch):
+    s = tf.random.experimental.stateless_fold_in(seed, w)
+    n = tf.shape(batch[0])[0]
+    perm = tf.argsort(tf.random.stateless_uniform([n], s))
+    return tf.data.Dataset.from_tensor_slices(
+        tuple(tf.gather(x, perm) for x in batch))
+
+  ds = ds.batch(window).enumerate(first_window)
+  return ds.flat_map(lambda w, batch: shuffle(w, batch))
+
+
+def tfds_source(builder, split, process_index, process_count, window):
+  """A tfds split's process share, read shard by shard (no tfds shuffling)."""
+  sub = tfds.split_for_jax_process(split, process_index=process_index,
+                                   process_count=process_count)
+  info = builder.info.splits[sub]
+  instr = [(f.filename, f.skip, f.take) for f in info.file_instructions]
+  features = builder.info.features
+  decoders = {'image': tfds.decode.SkipDecoding()}
+
+  def parse(serialized):
+    ex = features.deserialize_example(serialized, decoders=decoders)
+    return ex['image'], tf.cast(ex['label'], tf.int32)
+
+  def records(order_seed, start):
+    order = np.arange(len(instr))
+    if order_seed is not None:
+      order = np.random.default_rng(list(order_seed)).permutation(len(instr))
+    takes = np.array([instr[i][2] for i in order])
+    ends = np.cumsum(takes)
+    # Shuffled: restart at the window holding `start`, then skip inside it.
+    first_window = start // window if order_seed is not None else 0
+    base = first_window * window if order_seed is not None else start
+    i = int(np.searchsorted(ends, base, side='right'))
+    if i >= len(order):
+      return tf.data.Dataset.from_tensor_slices(
+          (tf.constant([], tf.string), tf.constant([], tf.int32)))
+    into = base - (ends[i] - takes[i])
+    files = [instr[j][0] for j in order[i:]]
+    skips = [instr[j][1] for j in order[i:]]
+    skips[0] += into
+    counts = list(takes[i:])
+    counts[0] -= into
+    ds = tf.data.Dataset.from_tensor_slices(
+        (files, np.array(skips, np.int64), np.array(counts, np.int64)))
+    ds = ds.flat_map(lambda f, s, t: tf.data.TFRecordDataset(
+        f, buffer_size=8 << 20).skip(s).take(t))
+    ds = ds.map(parse)
+    if order_seed is not None:
+      ds = _windowed_shuffle(ds, window, order_seed, first_window)
+      ds = ds.skip(start - base)
+    return ds
+
+  return Source(info.num_examples, builder.info.splits[split].num_examples,
+                builder.info.features['label'].num_classes, records)
+
+
+def folder_source(root, split_dir, process_index, process_count):
+  """`root/<split_dir>/<class>/*.jpg`, classes numbered in sorted order."""
+  split_root = os.path.join(root, split_dir)
+  if not tf.io.gfile.isdir(split_root):
+    raise FileNotFoundError(
+        f'No folder {split_root!r}. config.data.folder must hold train/<class>/'
+        '*.jpg and val/<class>/*.jpg.')
+  classes = sorted(c for c in tf.io.gfile.listdir(split_root)
+                   if tf.io.gfile.isdir(os.path.join(split_root, c)))
+  if not classes:
+    raise ValueError(f'{split_root!r} has no class folders.')
+  paths, labels = [], []
+  for label, c in enumerate(c.rstrip('/') for c in classes):
+    files = sorted(f for f in tf.io.gfile.listdir(os.path.join(split_root, c))
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+      raise ValueError(
+          f'Class folder {os.path.join(split_root, c)!r} holds no images '
+          f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder.')
+    paths += [os.path.join(split_root, c, f) for f in files]
+    labels += [label] * len(files)
+  total = len(paths)
+  start_, end_ = process_range(total, process_index, process_count)
+  paths = np.array(paths[start_:end_])
+  labels = np.array(labels[start_:end_], np.int32)
+
+  def records(order_seed, start):
+    order = np.arange(len(paths))
+    if order_seed is not None:
+      order = np.random.default_rng(list(order_seed)).permutation(len(paths))
+    order = order[start:]
+    ds = tf.data.Dataset.from_tensor_slices((paths[order], labels[order]))
+    return ds.map(lambda p, l: (tf.io.read_file(p), l))
+
+  return Source(len(paths), total, len(classes), records)
+
+
+def imagenet_builder(config):
+  """tfds's imagenet2012 builder, prepared; a clear error without the tars."""
+  data_dir = config.data.data_dir or None
+  builder = tfds.builder('imagenet2012', data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  manual_dir = config.data.manual_dir
+  missing = [os.path.join(manual_dir or '<manual_dir>', t)
+             for t in IMAGENET_TARS
+             if not manual_dir or
+             not tf.io.gfile.exists(os.path.join(manual_dir, t))]
+  if missing:
+    raise FileNotFoundError(
+        'ImageNet (ILSVRC2012) is not prepared in '
+        f'{builder.data_dir!r} and its archives are missing: '
+        f'{", ".join(missing)}. Register at https://image-net.org/download-'
+        'images, download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar'
+        ' into one folder and pass --config.data.manual_dir=<that folder> '
+        '(or use --config.data.dataset=demo).')
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir))
+  return builder
+
+
+def demo_builder(config):
+  from alexnet_jax import demo_data  # pylint: disable=g-import-not-at-top
+  d = config.data
+  data_dir = d.data_dir or os.path.join(
+      os.path.expanduser('~'), 'tensorflow_datasets')
+  lo, hi = d.demo_image_size
+  return demo_data.prepare_demo(
+      data_dir, num_classes=d.demo_num_classes,
+      train_per_class=d.demo_train_per_class,
+      val_per_class=d.demo_val_per_class, min_size=lo, max_size=hi)
+
+
+def get_source(config, split, process_index=None, process_count=None):
+  """The process's share of 'train' or 'eval'; checks the dataset exists."""
+  d = config.data
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if d.dataset not in DATASETS:
+    raise ValueError(f'Unknown config.data.dataset={d.dataset!r}; valid: '
+                     f'{", ".join(DATASETS)}.')
+  if d.dataset == 'folder':
+    if not d.folder:
+      raise ValueError('dataset=folder needs --config.data.folder=<root with '
+                       'train/<class>/*.jpg and val/<class>/*.jpg>.')
+    return folder_source(d.folder, {'train': 'train', 'eval': 'val'}[split],
+                         pi, pc)
+  builder = (imagenet_builder if d.dataset == 'imagenet2012' else
+             demo_builder)(config)
+  return tfds_source(builder, _SPLITS[split], pi, pc, d.shuffle_buffer)
+
+
+# ------------------------------------------------------------ preprocessing
+def load_mean(config):
+  """The per-pixel mean image if cached, else the per-channel means."""
+  d = config.data
+  if d.mean_image_path:
+    with tf.io.gfile.GFile(d.mean_image_path, 'rb') as f:
+      mean = np.load(f).astype(np.float32)
+    want = (d.resize_size, d.resize_size, 3)
+    if mean.shape != want:
+      raise ValueError(f'Mean image {d.mean_image_path!r} has shape '
+                       f'{mean.shape}, expected {want} (resize_size).')
+    return mean
+  return np.asarray(d.channel_means, np.float32)
+
+
+def local_batch_size(config, mesh, process_count=None):
+  """Per-process batch; checks the global batch divides over the mesh."""
+  pc = jax.process_count() if process_count is None else process_count
+  b, data = config.batch_size, mesh.shape['data']
+  if b % data:
+    raise ValueError(
+        f'config.batch_size={b} does not divide over the mesh data axis of '
+        f'size {data}; use a multiple of {data} (--config.batch_size) or '
+        'change config.mesh.data_axis_size.')
+  if b % pc:
+    raise ValueError(f'config.batch_size={b} does not divide over {pc} '
+                     'processes; use a multiple of the process count.')
+  return b // pc
+
+
+def _decode_batches(ds, fn, batch, view, parallel):
+  """(bytes, label, seed) batches -> decoded batches, bad records dropped.
+
+  Decoding a whole record batch as one inner dataset keeps batch boundaries
+  fixed however many records fail: each record batch gives exactly one
+  output, (images, labels, n) with the n good examples (n may be 0).
+  """
+  none = tf.data.Dataset.from_tensors(
+      (tf.zeros((0,) + view, tf.float32), tf.zeros((0,), tf.int32)))
+
+  def one_batch(images, labels, seeds):
+    inner = tf.data.Dataset.from_tensor_slices((images, labels, seeds))
+    inner = inner.map(lambda x, l, s: (tf.ensure_shape(fn(x, s), view), l))
+    inner = inner.ignore_errors().batch(batch).concatenate(none).take(1)
+    return inner.map(lambda x, l: (x, l, tf.shape(l)[0]))
+  return ds.interleave(one_batch, cycle_length=parallel, block_length=1,
+                       num_parallel_calls=parallel, deterministic=True)
+
+
+def _parallel(config):
+  n = config.data.num_parallel_calls
+  return tf.data.AUTOTUNE if n == -1 else n
+
+
+def _cycle(config):
+  n = config.data.num_parallel_calls
+  return max(2, os.cpu_count() or 2) if n == -1 else n
+
+
+def train_dataset(config, source, local_batch, steps, epoch, start_batch=0,
+                  process_index=0):
+  """tf.data of epoch `epoch`'s `steps` batches, from batch `start_batch` on.
+
+  Yields (images, labels, skipped); batch k of an epoch is a pure function of
+  (seed, process, epoch, k).
+  """
+  d = config.data
+  order_seed = (config.seed, process_index, epoch)
+  ds = source.records(order_seed, start_batch * local_batch)
+  ds = ds.take((steps - start_batch) * local_batch)
+  seed = make_seed(config.seed, process_index, epoch)
+  ds = ds.enumerate(start_batch * local_batch).map(
+      lambda i, r: (r[0], r[1],
+                    tf.random.experimental.stateless_fold_in(seed, i)))
+  ds = ds.batch(local_batch, drop_remainder=True)
+  mean = load_mean(config)
+  fn = lambda x, s: pp.train_preprocess(
+      x, s, mean=mean, resize_size=d.resize_size, crop_size=d.crop_size,
+      random_flip_=d.random_flip, pca_noise=d.pca_noise,
+      eigvecs=d.pca_eigvecs, stddevs=d.pca_stddevs,
+      alpha_stddev=d.pca_alpha_stddev, antialias=d.resize_antialias)
+  view = (d.crop_size, d.crop_size, 3)
+  ds = _decode_batches(ds, fn, local_batch, view, _cycle(config))
+
+  def fill(x, l, n):  # Repeat good examples where bad records were.
+    idx = tf.range(local_batch) % tf.maximum(n, 1)
+    return tf.gather(x, idx), tf.gather(l, idx), local_batch - n
+  return ds.filter(lambda x, l, n: n > 0).map(fill).prefetch(1)
+
+
+def eval_dataset(config, source, local_batch, ten_crop=False):
+  """Every record of the process's share once; padding has mask 0."""
+  d = config.data
+  mean = load_mean(config)
+  fn = lambda x, s: pp.eval_preprocess(
+      x, mean=mean, resize_size=d.resize_size, crop_size=d.crop_size,
+      ten_crop_=ten_crop, antialias=d.resize_antialias)
+  ds = source.records(None, 0).map(
+      lambda x, l: (x, l, tf.zeros([2], tf.int64)))
+  ds = ds.batch(local_batch)
+  view = ((10,) if ten_crop else ()) + (d.crop_size, d.crop_size, 3)
+  ds = _decode_batches(ds, fn, local_batch, view, _cycle(config))
+
+  def pad(x, l, n):
+    k = local_batch - n
+    x = tf.concat([x, tf.zeros((k,) + view, x.dtype)], 0)
+    return x, tf.pad(l, [[0, k]]), tf.sequence_mask(n, local_batch, tf.float32)
+  return ds.map(pad).prefetch(1)
+
+
+# ----------------------------------------------------------------- to mesh
+class SkipCounter:
+  """Running count of undecodable records, logged when it grows."""
+
+  def __init__(self, name):
+    self.name, self.count = name, 0
+
+  def add(self, n):
+    if n:
+      self.count += int(n)
+      logging.warning('%s: skipped %d undecodable record(s) (%d so far).',
+                      self.name, n, self.count)
+
+
+def _to_global(mesh, batch):
+  sharding = NamedSharding(mesh, P('data'))
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items()}
+
+
+def prefetch(iterator, size):
+  """Runs `iterator` in a background thread, `size` items ahead."""
+  if size <= 0:
+    yield from iterator
+    return
+  q = queue.Queue(maxsize=size)
+  end = object()
+
+  def work():
+    try:
+      for item in iterator:
+        q.put(item)
+      q.put(end)
+    except Exception as e:  # pylint: disable=broad-except
+      q.put(e)
+  threading.Thread(target=work, daemon=True).start()
+  while (item := q.get()) is not end:
+    if isinstance(item, Exception):
+      raise item
+    yield item
+
+
+def train_iterator(config, mesh, start_step=0, *, process_index=None,
+                   process_count=None):
+  """Global training batches from step `start_step` on, forever.
+
+  {'images': float32 (B, crop, crop, 3) mean-subtracted on 0-255,
+   'labels': int32 (B,)}. Undecodable records are counted in the logs.
+  """
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  local_batch = local_batch_size(config, mesh, pc)
+  source = get_source(config, 'train', pi, pc)
+  steps = steps_per_epoch(config, source, pc)
+  counter = SkipCounter('train')
+
+  def batches():
+    epoch, k = divmod(start_step, steps)
+    while True:
+      ds = train_dataset(config, source, local_batch, steps, epoch, k,
+                         pi)
+      for x, l, skipped in ds.as_numpy_iterator():
+        counter.add(skipped)
+        yield _to_global(mesh, {'images': x, 'labels': l})
+      epoch, k = epoch + 1, 0
+  return prefetch(batches(), config.data.prefetch)
+
+
+def steps_per_epoch(config, source=None, process_count=None):
+  """Training steps per epoch: every process takes the same number."""
+  pc = jax.process_count() if process_count is None else process_count
+  source = source or get_source(config, 'train', 0, pc)
+  steps = (source.total_examples // pc) // (config.batch_size // pc)
+  if steps == 0:
+    raise ValueError(f'The training split ({source.total_examples} examples) '
+                     f'is smaller than one batch ({config.batch_size}).')
+  return steps
+
+
+def eval_iterator(config, mesh, ten_crop=False, *, process_index=None,
+                  process_count=None):
+  """Every validation example exactly once, then stops.
+
+  {'images': (B, crop, crop, 3) or (B, 10, crop, crop, 3) for ten_crop,
+   'labels': int32 (B,), 'mask': float32 (B,), 1 real, 0 padding}. All
+  processes yield the same number of batches (extra ones fully masked).
+  """
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  local_batch = local_batch_size(config, mesh, pc)
+  source = get_source(config, 'eval', pi, pc)
+  num_batches = -(-(-(-source.total_examples // pc)) // local_batch)  # ceil(ceil(N/P)/b)
+  counter = SkipCounter('eval')
+  d = config.data
+  view = ((10,) if ten_crop else ()) + (d.crop_size, d.crop_size, 3)
+
+  def batches():
+    n = 0
+    for x, l, m in eval_dataset(config, source, local_batch,
+                                ten_crop).as_numpy_iterator():
+      records = min(local_batch, source.num_examples - n * local_batch)
+      counter.add(records - int(m.sum()))
+      n += 1
+      yield _to_global(mesh, {'images': x, 'labels': l, 'mask': m})
+    for _ in range(n, num_batches):
+      yield _to_global(mesh, {
+          'images': np.zeros((local_batch,) + view, np.float32),
+          'labels': np.zeros((local_batch,), np.int32),
+          'mask': np.zeros((local_batch,), np.float32)})
+  return prefetch(batches(), config.data.prefetch)
+
+
+def num_classes(config):
+  """Classes in the configured dataset (checks it is available)."""
+  return get_source(config, 'train', 0, 1).num_classes
