@@ -1,0 +1,139 @@
+"""Each preprocessing op against numpy, eagerly and inside tf.data."""
+import io
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from alexnet_jax import preprocess as pp
+from configs.alexnet import get_config
+
+D = get_config().data
+SEED = tf.constant([3, 7], tf.int64)
+
+
+def run(fn, *args, in_data):
+  """fn(*args) eagerly, or as a tf.data map over one element."""
+  if not in_data:
+    return np.asarray(fn(*args))
+  ds = tf.data.Dataset.from_tensors(tuple(args)).map(fn)
+  return next(iter(ds.as_numpy_iterator()))
+
+
+def jpeg(h, w, mode='RGB', fmt='JPEG', seed=0):
+  rng = np.random.default_rng(seed)
+  a = rng.integers(0, 256, (h, w, 3), np.uint8)
+  a = np.asarray(Image.fromarray(a).resize((w, h)))
+  img = Image.fromarray(a).convert(mode)
+  buf = io.BytesIO()
+  img.save(buf, fmt, quality=95)
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize('in_data', [False, True])
+@pytest.mark.parametrize('h,w', [(60, 100), (100, 60), (80, 80), (17, 29)])
+def test_decode_and_resize_is_central_square(h, w, in_data):
+  data = jpeg(h, w)
+  full = tf.io.decode_jpeg(data, channels=3).numpy()
+  s = min(h, w)
+  oy, ox = (h - s) // 2, (w - s) // 2
+  want = tf.image.resize(full[oy:oy + s, ox:ox + s].astype(np.float32),
+                         (32, 32), antialias=True).numpy()
+  got = run(lambda x: pp.decode_and_resize(x, 32), tf.constant(data),
+            in_data=in_data)
+  assert got.shape == (32, 32, 3) and got.dtype == np.float32
+  # decode_and_crop_jpeg upsamples chroma inside the crop only, so pixels at
+  # the crop's edge differ a little from cropping the full decode.
+  err = np.abs(got - np.clip(want, 0, 255))
+  assert err.mean() < 1.0 and err[2:-2, 2:-2].mean() < 0.5
+
+
+@pytest.mark.parametrize('mode,fmt', [('L', 'JPEG'), ('CMYK', 'JPEG'),
+                                      ('RGB', 'PNG')])
+def test_decode_grayscale_cmyk_png(mode, fmt):
+  got = pp.decode_and_resize(tf.constant(jpeg(30, 40, mode, fmt)), 16)
+  assert got.shape == (16, 16, 3)
+  assert np.isfinite(got.numpy()).all()
+
+
+def test_corrupt_raises_so_pipeline_can_skip():
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    pp.decode_and_resize(tf.constant(b'\xff\xd8\xff' + b'\x00garbage' * 9))
+
+
+@pytest.mark.parametrize('in_data', [False, True])
+def test_random_crop_and_flip_match_numpy(in_data):
+  image = np.random.default_rng(0).normal(size=(20, 24, 3)).astype(np.float32)
+  oy, ox = (int(v) for v in pp.crop_offsets(SEED, 20 - 8, 24 - 8))
+  got = run(lambda x, s: pp.random_crop(x, 8, s), image, SEED,
+            in_data=in_data)
+  np.testing.assert_array_equal(got, image[oy:oy + 8, ox:ox + 8])
+  flip = bool(pp.flip_decision(SEED))
+  got = run(pp.random_flip, image, SEED, in_data=in_data)
+  np.testing.assert_array_equal(got, image[:, ::-1] if flip else image)
+
+
+def test_crop_offsets_uniform_and_flip_half():
+  seeds = [tf.constant([0, i], tf.int64) for i in range(400)]
+  offs = np.array([[int(v) for v in pp.crop_offsets(s, 3, 3)] for s in seeds])
+  assert offs.min() == 0 and offs.max() == 3
+  counts = np.bincount(offs[:, 0], minlength=4)
+  assert counts.min() > 60  # ~100 each.
+  flips = np.mean([bool(pp.flip_decision(s)) for s in seeds])
+  assert 0.4 < flips < 0.6
+
+
+@pytest.mark.parametrize('in_data', [False, True])
+def test_pca_lighting_matches_numpy(in_data):
+  image = np.zeros((4, 5, 3), np.float32)
+  fn = lambda x, s: pp.pca_lighting(x, s, D.pca_eigvecs, D.pca_stddevs,
+                                    D.pca_alpha_stddev)
+  got = run(fn, image, SEED, in_data=in_data)
+  alpha = pp.pca_alpha(SEED, D.pca_alpha_stddev).numpy()
+  delta = np.array(D.pca_eigvecs) @ (alpha * np.array(D.pca_stddevs))
+  np.testing.assert_allclose(got, image + delta, rtol=1e-5, atol=1e-4)
+
+
+def test_pca_noise_has_configured_covariance():
+  v, s, sd = (np.array(D.pca_eigvecs), np.array(D.pca_stddevs),
+              D.pca_alpha_stddev)
+  ds = tf.data.Dataset.range(4000).map(
+      lambda i: pp.pca_lighting(tf.zeros((1, 1, 3)), tf.stack([i, i * 0 + 1]),
+                                D.pca_eigvecs, D.pca_stddevs, sd)[0, 0])
+  d = np.stack(list(ds.batch(4000).as_numpy_iterator())[0])
+  want = v @ np.diag((sd * s) ** 2) @ v.T
+  np.testing.assert_allclose(np.cov(d.T), want, atol=0.08 * want.max())
+
+
+def test_subtract_mean_pixel_and_channel():
+  image = np.full((4, 4, 3), 100., np.float32)
+  mean = np.arange(48, dtype=np.float32).reshape(4, 4, 3)
+  np.testing.assert_allclose(pp.subtract_mean(image, mean), image - mean)
+  np.testing.assert_allclose(pp.subtract_mean(image, D.channel_means),
+                             image - np.array(D.channel_means), rtol=1e-5)
+
+
+@pytest.mark.parametrize('in_data', [False, True])
+def test_central_and_ten_crop_windows(in_data):
+  image = np.random.default_rng(1).normal(size=(10, 12, 3)).astype(np.float32)
+  got = run(lambda x: pp.central_crop(x, 6), image, in_data=in_data)
+  np.testing.assert_array_equal(got, image[2:8, 3:9])
+  got = run(lambda x: pp.ten_crop(x, 6), image, in_data=in_data)
+  assert got.shape == (10, 6, 6, 3)
+  windows = [(0, 0), (0, 6), (4, 0), (4, 6), (2, 3)]
+  for i, (y, x) in enumerate(windows):
+    np.testing.assert_array_equal(got[i], image[y:y + 6, x:x + 6])
+    np.testing.assert_array_equal(got[i + 5], image[y:y + 6, x:x + 6][:, ::-1])
+
+
+def test_train_preprocess_is_function_of_seed():
+  data = tf.constant(jpeg(50, 70))
+  kw = dict(mean=D.channel_means, resize_size=32, crop_size=28,
+            eigvecs=D.pca_eigvecs, stddevs=D.pca_stddevs)
+  a = pp.train_preprocess(data, SEED, **kw).numpy()
+  b = pp.train_preprocess(data, SEED, **kw).numpy()
+  c = pp.train_preprocess(data, SEED + 1, **kw).numpy()
+  assert a.shape == (28, 28, 3)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
