@@ -1,0 +1,154 @@
+"""The pipeline on the demo data through tfds's imagenet2012 builder."""
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow_datasets as tfds
+
+from alexnet_jax import input_pipeline as ip
+from tests.data_fixtures import demo_config, demo_dir, make_mesh, SPEC  # pylint: disable=unused-import
+
+
+def take(it, n):
+  return [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(n)]
+
+
+def test_train_batches_are_global_sharded(demo_dir):
+  c = demo_config(demo_dir)
+  mesh = make_mesh(4, 2)
+  b = next(ip.train_iterator(c, mesh))
+  assert b['images'].shape == (16, 56, 56, 3) and b['images'].dtype == np.float32
+  assert b['labels'].shape == (16,) and b['labels'].dtype == np.int32
+  assert b['images'].sharding.spec == ip.P('data')
+  assert 0 <= int(b['labels'].min()) and int(b['labels'].max()) < SPEC.num_classes
+
+
+def test_restart_at_step_n_matches(demo_dir):
+  c = demo_config(demo_dir)
+  mesh = make_mesh(2)
+  steps = ip.steps_per_epoch(c)  # 96 + fixups -> 6 steps of 16.
+  full = take(ip.train_iterator(c, mesh), steps + 3)  # Crosses an epoch.
+  for n in (2, steps + 1):
+    resumed = take(ip.train_iterator(c, mesh, start_step=n), 2)
+    for a, b in zip(full[n:n + 2], resumed):
+      np.testing.assert_array_equal(a['labels'], b['labels'])
+      np.testing.assert_array_equal(a['images'], b['images'])
+  # Epochs are ordered differently.
+  assert not np.array_equal(full[0]['images'], full[steps]['images'])
+
+
+def test_corrupt_record_skipped_and_counted(demo_dir, caplog):
+  c = demo_config(demo_dir, batch_size=8)
+  c.data.shuffle_buffer = 10_000  # One window: the whole epoch.
+  mesh = make_mesh(2)
+  with caplog.at_level('WARNING'):
+    take(ip.train_iterator(c, mesh), ip.steps_per_epoch(c))
+  assert 'skipped 1 undecodable' in caplog.text
+
+
+@pytest.mark.parametrize('ten_crop', [False, True])
+def test_eval_sees_every_example_once(demo_dir, ten_crop):
+  c = demo_config(demo_dir, batch_size=8)  # 20 val -> 3 batches, 4 padded.
+  mesh = make_mesh(4, 2)
+  batches = list(ip.eval_iterator(c, mesh, ten_crop=ten_crop))
+  masks = np.concatenate([np.asarray(b['mask']) for b in batches])
+  labels = np.concatenate([np.asarray(b['labels']) for b in batches])
+  assert len(batches) == 3 and masks.sum() == 20 and masks[-4:].sum() == 0
+  shape = (8, 10, 56, 56, 3) if ten_crop else (8, 56, 56, 3)
+  assert batches[0]['images'].shape == shape
+  # Labels from the demo's own ground truth, not tfds's ImageNet file.
+  want = np.bincount(labels[masks > 0], minlength=SPEC.num_classes)
+  np.testing.assert_array_equal(want, [SPEC.val_per_class] * SPEC.num_classes)
+  np.testing.assert_array_equal(np.asarray(batches[-1]['images'])[4:], 0)
+
+
+def test_process_splits_disjoint_and_covering(demo_dir):
+  c = demo_config(demo_dir)
+  for count in (1, 3):
+    seen = []
+    for i in range(count):
+      src = ip.get_source(c, 'eval', i, count)
+      seen += [bytes(x) for x, _ in src.records(None, 0).as_numpy_iterator()]
+    assert len(seen) == len(set(seen)) == SPEC.num_classes * SPEC.val_per_class
+  ranges = [ip.process_range(11, i, 3) for i in range(3)]
+  assert ranges == [(0, 4), (4, 8), (8, 11)]
+
+
+def test_multiprocess_eval_pads_equal_batches(demo_dir):
+  c = demo_config(demo_dir, batch_size=8)
+  mesh = make_mesh(4)
+  total = 0
+  for i in range(3):  # 20 val over 3 processes: 7, 7, 6; local batch 2.
+    src = ip.get_source(c, 'eval', i, 3)
+    ds = ip.eval_dataset(c, src, 2)
+    total += sum(m.sum() for _, _, m in ds.as_numpy_iterator())
+  assert total == 20
+
+
+def test_bad_batch_size(demo_dir):
+  c = demo_config(demo_dir, batch_size=6)
+  with pytest.raises(ValueError, match='multiple of 4'):
+    ip.train_iterator(c, make_mesh(4, 2))
+
+
+def test_unknown_dataset():
+  c = demo_config('/nonexistent')
+  c.data.dataset = 'imagenet21k'
+  with pytest.raises(ValueError, match='imagenet2012, demo, folder'):
+    ip.get_source(c, 'train')
+
+
+def test_missing_imagenet_tars_named(tmp_path):
+  c = demo_config(str(tmp_path / 'tfds'))
+  c.data.dataset = 'imagenet2012'
+  c.data.manual_dir = str(tmp_path / 'manual')
+  with pytest.raises(FileNotFoundError) as e:
+    ip.get_source(c, 'train')
+  msg = str(e.value)
+  assert os.path.join(c.data.manual_dir, 'ILSVRC2012_img_train.tar') in msg
+  assert 'ILSVRC2012_img_val.tar' in msg and 'image-net.org' in msg
+
+
+def _folder(root, classes, n=4):
+  for split in ('train', 'val'):
+    for k, c in enumerate(classes):
+      os.makedirs(root / split / c)
+      for i in range(n):
+        Image.new('RGB', (40 + i, 30), (60 * k, 0, 0)).save(
+            root / split / c / f'{i}.jpg')
+
+
+def test_folder_dataset(tmp_path):
+  _folder(tmp_path, ['cat', 'dog'])
+  (tmp_path / 'val' / 'dog' / 'bad.jpg').write_bytes(b'\xff\xd8\xffnope')
+  c = demo_config('')
+  c.data.dataset, c.data.folder = 'folder', str(tmp_path)
+  c.batch_size = 4
+  mesh = make_mesh(2)
+  b = next(ip.train_iterator(c, mesh))
+  assert b['images'].shape == (4, 56, 56, 3)
+  batches = list(ip.eval_iterator(c, mesh))
+  assert sum(float(b['mask'].sum()) for b in batches) == 8  # bad one masked.
+
+
+def test_empty_class_folder(tmp_path):
+  _folder(tmp_path, ['cat', 'dog'])
+  os.makedirs(tmp_path / 'train' / 'empty')
+  c = demo_config('')
+  c.data.dataset, c.data.folder = 'folder', str(tmp_path)
+  with pytest.raises(ValueError, match='empty.*holds no images'):
+    ip.get_source(c, 'train')
+
+
+def test_mean_image_is_used(demo_dir, tmp_path):
+  c = demo_config(demo_dir, batch_size=8)
+  path = str(tmp_path / 'mean.npy')
+  np.save(path, np.full((64, 64, 3), 7.0, np.float32))
+  c.data.mean_image_path = path
+  src = ip.get_source(c, 'eval', 0, 1)
+  with_mean = next(ip.eval_dataset(c, src, 8).as_numpy_iterator())[0]
+  c.data.mean_image_path = ''
+  c.data.channel_means = (0.0, 0.0, 0.0)
+  raw = next(ip.eval_dataset(c, src, 8).as_numpy_iterator())[0]
+  np.testing.assert_allclose(with_mean, raw - 7.0, atol=1e-4)
