@@ -287,21 +287,22 @@ def prepare_demo(data_dir, spec=None, **spec_kwargs):
   return builder
 
 
-_OUT = flags.DEFINE_string('out', None, 'Data dir for the demo.')
-_CLASSES = flags.DEFINE_integer('num_classes', DemoSpec.num_classes, 'Classes.')
-_TRAIN = flags.DEFINE_integer('train_per_class', DemoSpec.train_per_class,
-                              'Training images per class.')
-_VAL = flags.DEFINE_integer('val_per_class', DemoSpec.val_per_class,
-                            'Validation images per class.')
-
-
 def main(argv):
   del argv
-  b = prepare_demo(_OUT.value, num_classes=_CLASSES.value,
-                   train_per_class=_TRAIN.value, val_per_class=_VAL.value)
+  f = flags.FLAGS
+  b = prepare_demo(f.out, num_classes=f.num_classes,
+                   train_per_class=f.train_per_class,
+                   val_per_class=f.val_per_class)
   print(b.info.splits)
 
 
 if __name__ == '__main__':
+  # Flags only when run as a program, so importing never clashes.
+  flags.DEFINE_string('out', None, 'Data dir for the demo.')
+  flags.DEFINE_integer('num_classes', DemoSpec.num_classes, 'Classes.')
+  flags.DEFINE_integer('train_per_class', DemoSpec.train_per_class,
+                       'Training images per class.')
+  flags.DEFINE_integer('val_per_class', DemoSpec.val_per_class,
+                       'Validation images per class.')
   flags.mark_flag_as_required('out')
   app.run(main)

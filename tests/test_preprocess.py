@@ -137,3 +137,19 @@ def test_train_preprocess_is_function_of_seed():
   assert a.shape == (28, 28, 3)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
+
+
+def test_data_stats_match_numpy(tmp_path):
+  from alexnet_jax import data_stats  # pylint: disable=g-import-not-at-top
+  from tests.test_input_pipeline import _folder  # pylint: disable=g-import-not-at-top
+  _folder(tmp_path, ['a', 'b'], n=3)
+  c = get_config()
+  c.data.dataset, c.data.folder, c.data.resize_size = 'folder', str(tmp_path), 16
+  stats = data_stats.compute(c, batch=4)
+  imgs = np.stack([pp.decode_and_resize(tf.io.read_file(str(p)), 16).numpy()
+                   for p in sorted((tmp_path / 'train').glob('*/*.jpg'))])
+  np.testing.assert_allclose(stats['mean_image'], imgs.mean(0), atol=1e-3)
+  cov = np.cov(imgs.reshape(-1, 3).T, bias=True)
+  v, s = stats['eigvecs'], stats['stddevs']
+  np.testing.assert_allclose(v @ np.diag(s ** 2) @ v.T, cov, atol=1e-3 * max(1, np.abs(cov).max()))
+  assert data_stats.save(stats, str(tmp_path / 'out')).endswith('.npy')
