@@ -71,7 +71,7 @@ def dropout_mask(rng, layer: str, tower, example_ids, shape, rate):
   """
   key = jax.random.fold_in(rng, _DROPOUT_LAYER_ID[layer])
   key = jax.random.fold_in(key, tower)
-  keep = 1.0 - rate
+  keep = jnp.float32(1.0 - rate)  # float32 draws, whatever jax_enable_x64.
 
   def one(example_id):
     return jax.random.bernoulli(jax.random.fold_in(key, example_id), keep,
@@ -224,6 +224,10 @@ class AlexNet(nn.Module):
         ys.append(y)
       xs = ys
 
+    if 0 in xs[0].shape:
+      raise ValueError(f'{images.shape[1]}x{images.shape[2]} images are too '
+                       'small for this network: pool5 has no output. Use '
+                       'larger crops (the paper uses 224).')
     xs = [x.reshape(x.shape[0], -1) for x in xs]
 
     # ------------------------------------------------- fully connected

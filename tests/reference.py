@@ -1,0 +1,94 @@
+"""An independent single-device AlexNet, written the way Caffe runs it.
+
+No towers, no collectives: the two towers are grouped convolutions
+(`feature_group_count=num_towers`) over channel-concatenated maps, the
+exchanges at conv3/fc6/fc7/fc8 are plain ungrouped layers over all maps, and
+LRN is a sum of shifted squares within each group. It reads the same parameter
+tree as `alexnet_jax.model.AlexNet` (tower-stacked kernels, concatenated here
+along the output channels) and is used only by tests.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from alexnet_jax.model import dropout_mask
+
+
+def _conv(x, kernel, stride, padding, groups=1):
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups,
+      precision=lax.Precision.HIGHEST)
+
+
+def _stack_out(kernel):
+  """(T, ..., cin, cout) tower kernels -> (..., cin, T*cout), towers in order."""
+  return jnp.concatenate(list(kernel), axis=-1)
+
+
+def _lrn(x, groups, k, n, alpha, beta):
+  """Sum of squares over n neighbouring maps of the same group, by shifts."""
+  b, h, w, c = x.shape
+  sq = (x * x).reshape(b, h, w, groups, c // groups)
+  half = n // 2
+  padded = jnp.pad(sq, [(0, 0)] * 4 + [(half, half)])
+  window = sum(padded[..., i:i + c // groups] for i in range(n))
+  return x / (k + alpha * window.reshape(x.shape)) ** beta
+
+
+def _pool(x, window, stride):
+  return lax.reduce_window(x, -np.inf, lax.max, (1, window, window, 1),
+                           (1, stride, stride, 1), 'VALID')
+
+
+def reference_apply(model, params, images, *, train=False, dropout_rng=None):
+  """Logits of `model` (an AlexNet, for its hyper-parameters) on one device."""
+  assert tuple(model.exchange) == ('conv3', 'fc6', 'fc7'), model.exchange
+  t = model.num_towers
+  act = jax.nn.relu if model.activation == 'relu' else jnp.tanh
+  alpha = model.lrn_alpha / model.lrn_n if model.lrn_alpha_over_n else (
+      model.lrn_alpha)
+
+  def lrn_pool(x):
+    if model.use_lrn:
+      x = _lrn(x, t, model.lrn_k, model.lrn_n, alpha, model.lrn_beta)
+    return _pool(x, model.pool_window, model.pool_stride)
+
+  def conv(x, layer, stride, padding, groups):
+    p = params[layer]
+    return act(_conv(x, _stack_out(p['kernel']), stride, padding, groups) +
+               p['bias'].reshape(-1))
+
+  size = images.shape[1]
+  if model.conv1_padding == 'cuda-convnet':
+    out = int(np.ceil((size - 11) / 4)) + 1
+    pad = ((0, (out - 1) * 4 + 11 - size),) * 2
+  else:
+    pad = {'valid': ((0, 0), (0, 0)), 'torchvision': ((2, 2), (2, 2))}[
+        model.conv1_padding]
+
+  x = lrn_pool(conv(images, 'conv1', 4, pad, 1))  # Both towers see the image.
+  x = lrn_pool(conv(x, 'conv2', 1, 'SAME', t))  # Tower-local: grouped.
+  x = conv(x, 'conv3', 1, 'SAME', 1)  # Reads both towers: ungrouped.
+  x = conv(x, 'conv4', 1, 'SAME', t)
+  x = _pool(conv(x, 'conv5', 1, 'SAME', t), model.pool_window,
+            model.pool_stride)
+  # Flatten each tower's (h, w, c) maps, then concatenate the towers.
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, t, c // t).transpose(0, 3, 1, 2, 4).reshape(b, -1)
+  ids = jnp.arange(b)
+  for layer in ('fc6', 'fc7'):
+    p = params[layer]
+    x = act(jnp.dot(x, _stack_out(p['kernel']),
+                    precision=lax.Precision.HIGHEST) + p['bias'].reshape(-1))
+    if train and model.dropout_rate > 0:
+      per = x.shape[1] // t
+      mask = jnp.concatenate(
+          [dropout_mask(dropout_rng, layer, i, ids, (per,), model.dropout_rate)
+           for i in range(t)], axis=-1)
+      x = x * mask
+  w8 = params['fc8']['kernel']
+  return jnp.dot(x, w8.reshape(-1, w8.shape[-1]),
+                 precision=lax.Precision.HIGHEST) + params['fc8']['bias']

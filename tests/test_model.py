@@ -1,0 +1,228 @@
+"""The network: exact parameter counts, shapes, and sharded == reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import mesh as mesh_lib
+from alexnet_jax.model import AlexNet, conv1_padding, create_model, dropout_mask
+from configs.alexnet import get_config
+from tests.reference import reference_apply
+
+# PAPER.md's layer table.
+PAPER_PARAMS = {'conv1': 34_944, 'conv2': 307_456, 'conv3': 885_120,
+                'conv4': 663_936, 'conv5': 442_624, 'fc6': 37_752_832,
+                'fc7': 16_781_312, 'fc8': 4_097_000}
+
+# A small AlexNet whose every piece (two towers, LRN, overlapping pools,
+# dropout) is there, at a size the tests run in seconds.
+SMALL = dict(num_classes=10, width_multiplier=0.25, fc_features=64)
+MESHES = [(1, 1), (1, 2), (2, 2), (4, 2), (8, 1)]
+
+
+def param_shapes(model, size):
+  v = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                     jnp.zeros((1, size, size, 3)))
+  return v['params']
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def fresh_rng():
+  seed = int(np.random.SeedSequence().entropy % 2**31)
+  return seed, np.random.default_rng(seed)
+
+
+def test_paper_parameter_count_is_exact():
+  params = param_shapes(create_model(get_config().model), 224)
+  assert count(params) == 60_965_224
+  assert {k: count(v) for k, v in params.items()} == PAPER_PARAMS
+  # Each tower-local layer is split evenly; only fc8's bias has no tower.
+  for layer, p in params.items():
+    assert p['kernel'].shape[0] == 2, layer
+  assert params['fc8']['bias'].shape == (1000,)
+  # fc6 reads 2 x 6x6x128 maps: conv1 made 55x55 maps (55 -> 27 -> 13 -> 6).
+  assert params['fc6']['kernel'].shape == (2, 9216, 2048)
+
+
+@pytest.mark.parametrize('mode,size', [('cuda-convnet', 224), ('valid', 227),
+                                       ('torchvision', 224)])
+def test_conv1_makes_55x55_maps(mode, size):
+  pad = conv1_padding(mode, size)
+  out = [(size + sum(p) - 11) // 4 + 1 for p in pad]
+  assert out == [55, 55]
+  if mode == 'cuda-convnet':
+    assert pad == ((0, 3), (0, 3))  # Zeros past the bottom/right edge only.
+  model = create_model(get_config().model, conv1_padding=mode)
+  assert count(param_shapes(model, size)) == 60_965_224
+
+
+def test_ablation_variants_build():
+  one = param_shapes(create_model(get_config('one_tower').model), 224)
+  # One tower, half the kernels but conv5 and fc whole (paper, footnote 2).
+  assert one['conv1']['kernel'].shape == (1, 11, 11, 3, 48)
+  assert one['conv5']['kernel'].shape == (1, 3, 3, 192, 256)
+  assert one['fc6']['kernel'].shape == (1, 9216, 4096)
+  for variant in ('no_lrn', 'no_overlap', 'tanh'):
+    model = create_model(get_config(variant).model)
+    assert count(param_shapes(model, 224)) == 60_965_224, variant
+
+
+def init_small(seed_rng, size=99, batch=8, **kw):
+  # 99 pixels: 23x23 conv1 maps, 2x2 pool5 maps, so the fc6 flatten order
+  # matters.
+  model = AlexNet(**{**SMALL, **kw})
+  key = jax.random.PRNGKey(int(seed_rng.integers(2**31)))
+  params = model.init(key, jnp.zeros((1, size, size, 3)))['params']
+  # Mean-subtracted 0-255 images, as the input pipeline makes them.
+  images = jnp.asarray(seed_rng.normal(0, 60, (batch, size, size, 3)),
+                       jnp.float32)
+  labels = jnp.asarray(seed_rng.integers(0, model.num_classes, batch))
+  return model, params, images, labels
+
+
+def xent(logits, labels):
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                       labels[:, None], -1))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def reference_forward(model, params, images):
+  return reference_apply(model, params, images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reference_train_loss(model, params, images, labels, rng):
+  def loss(p):
+    logits = reference_apply(model, p, images, train=True, dropout_rng=rng)
+    return xent(logits, labels), logits
+  return jax.value_and_grad(loss, has_aux=True)(params)
+
+
+def reference_train_in_float64(model, params, images, labels, rng):
+  """((loss, logits), grads) of the reference network in float64, the oracle
+  the float32 model is held to. (In float32, XLA:CPU's grouped-convolution
+  gradient alone is off by up to 1e-3 relative, far more than the model.)"""
+  with jax.enable_x64(True):
+    to64 = lambda x: jnp.asarray(x, jnp.float64)
+    return jax.device_get(_reference_train_loss(
+        model, jax.tree.map(to64, params), to64(images), labels, rng))
+
+
+@pytest.mark.parametrize('shape', MESHES, ids=str)
+def test_sharded_equals_reference(shape):
+  """Forward logits (with and without dropout) and gradients (with dropout)
+  of the towers-on-a-mesh model equal the single-device grouped-convolution
+  network's, on fresh random inputs."""
+  seed, rng = fresh_rng()
+  model, params, images, labels = init_small(rng, init_scheme='he')
+  mesh = mesh_lib.make_mesh(2, shape[1], shape[0])
+  apply = mesh_lib.sharded_apply(model, mesh)
+  dropout_rng = jax.random.PRNGKey(seed)
+  sharded = jax.device_put(params, mesh_lib.param_shardings(mesh, params))
+
+  @jax.jit
+  def loss_and_grad(p):
+    def loss(p):
+      logits = apply(p, images, train=True, dropout_rng=dropout_rng)
+      return xent(logits, labels), logits
+    return jax.value_and_grad(loss, has_aux=True)(p), apply(p, images)
+
+  ((loss, logits), grads), eval_logits = loss_and_grad(sharded)
+  ref_eval_logits = reference_forward(model, params, images)
+  (ref_loss, ref_logits), ref_grads = reference_train_in_float64(
+      model, params, images, labels, dropout_rng)
+  assert rel_err(eval_logits, ref_eval_logits) <= 1e-5, seed
+  assert rel_err(logits, ref_logits) <= 1e-5, seed
+  assert rel_err(loss, ref_loss) <= 1e-5, seed
+  ref = dict(jax.tree_util.tree_leaves_with_path(ref_grads))
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    assert rel_err(g, ref[path]) <= 1e-5, (seed, jax.tree_util.keystr(path))
+  # The gradients stay where their towers are.
+  k = grads['conv2']['kernel']
+  by_tower = jax.sharding.NamedSharding(mesh,
+                                        jax.sharding.PartitionSpec('tower'))
+  assert k.sharding.is_equivalent_to(by_tower, k.ndim)
+
+
+def test_full_size_network_equals_reference():
+  """The paper's network itself, 224 crops, on a (2, 2) mesh."""
+  seed, rng = fresh_rng()
+  model = create_model(get_config().model)
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 224, 224, 3)))
+  params = params['params']
+  images = jnp.asarray(rng.normal(0, 60, (2, 224, 224, 3)), jnp.float32)
+  mesh = mesh_lib.make_mesh(2, 2, 2)
+  sharded = jax.device_put(params, mesh_lib.param_shardings(mesh, params))
+  got = jax.jit(mesh_lib.sharded_apply(model, mesh))(sharded, images)
+  want = reference_forward(model, params, images)
+  assert got.shape == (2, 1000)
+  assert rel_err(got, want) <= 1e-5, seed
+
+
+def test_lrn_alpha_over_n_switch():
+  seed, rng = fresh_rng()
+  model, params, images, _ = init_small(rng, lrn_alpha_over_n=True,
+                                        lrn_alpha=0.5, init_scheme='he')
+  got = model.apply({'params': params}, images)
+  want = reference_forward(model, params, images)
+  assert rel_err(got, want) <= 1e-5, seed
+  plain = model.clone(lrn_alpha_over_n=False)
+  assert rel_err(plain.apply({'params': params}, images), want) > 1e-3
+
+
+def test_dropout_masks_rate_and_independence():
+  rng = jax.random.PRNGKey(0)
+  ids = jnp.arange(256)
+  m = dropout_mask(rng, 'fc6', 0, ids, (2048,), 0.5)
+  dropped = float((m == 0).mean())
+  assert abs(dropped - 0.5) < 0.005
+  assert set(np.unique(np.asarray(m))) == {0.0, 2.0}  # Kept units x 1/(1-p).
+  assert float((dropout_mask(rng, 'fc6', 0, ids, (2048,), 0.2) == 0).mean()
+               ) == pytest.approx(0.2, abs=0.005)
+  # Different per example, per tower, per layer.
+  assert not np.array_equal(m[0], m[1])
+  assert not np.array_equal(m, dropout_mask(rng, 'fc6', 1, ids, (2048,), 0.5))
+  assert not np.array_equal(m, dropout_mask(rng, 'fc7', 0, ids, (2048,), 0.5))
+
+
+def test_dropout_differs_across_data_shards_and_is_off_in_eval():
+  """A batch of one image repeated: with dropout every example (on every data
+  shard) gets its own masks; without it they all agree."""
+  _, rng = fresh_rng()
+  model, params, images, _ = init_small(rng, batch=8, init_scheme='he')
+  images = jnp.broadcast_to(images[:1], images.shape)
+  mesh = mesh_lib.make_mesh(2, 2, 4)
+  sharded = jax.device_put(params, mesh_lib.param_shardings(mesh, params))
+  apply = jax.jit(mesh_lib.sharded_apply(model, mesh),
+                  static_argnames='train')
+  out = np.asarray(apply(sharded, images, train=True,
+                         dropout_rng=jax.random.PRNGKey(1)))
+  assert len({row.tobytes() for row in out}) == 8
+  out = np.asarray(apply(sharded, images, train=False))
+  # Equal up to float32 rounding (GEMM rounds rows differently by position).
+  np.testing.assert_allclose(out, np.broadcast_to(out[:1], out.shape),
+                             rtol=1e-5, atol=1e-6 * np.abs(out).max())
+
+
+def test_batch_not_divisible_by_data_axis_fails_clearly():
+  _, rng = fresh_rng()
+  model, params, images, _ = init_small(rng, batch=6)
+  mesh = mesh_lib.make_mesh(2, 2, 4)
+  with pytest.raises(ValueError, match='multiple of 4'):
+    mesh_lib.sharded_apply(model, mesh)(params, images)
+
+
+def test_tower_axis_must_divide_towers():
+  with pytest.raises(ValueError, match='must divide'):
+    mesh_lib.make_mesh(num_towers=1, tower_axis_size=2)
