@@ -105,8 +105,8 @@ def make_train_step(model, tx, mesh, state):
         'top1_error': 1.0 - top_k_correct(logits, batch['labels'], 1).mean(),
         'top5_error': 1.0 - top_k_correct(logits, batch['labels'], 5).mean(),
         'learning_rate': opt_state.hyperparams['learning_rate'],
-        'grad_norm': optax.global_norm(grads),
-        'param_norm': optax.global_norm(params),
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(params),
     }
     new_state = state.replace(step=state.step + 1, params=params,
                               opt_state=opt_state)
