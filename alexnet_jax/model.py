@@ -248,6 +248,9 @@ class AlexNet(nn.Module):
           y = y * mask.astype(y.dtype)
         ys.append(y)
       xs = ys
+      # The hidden features (Figure 4's nearest neighbours use fc7): a list of
+      # this device's towers' activations, when 'intermediates' is mutable.
+      self.sow('intermediates', f'{layer}_features', xs)
 
     # fc8 reads both towers' fc7 (§3.5): a split matmul whose partial logits
     # are summed over towers, W8 @ concat(h7_1, h7_2) = sum_t W8[t] @ h7_t.
