@@ -1,0 +1,130 @@
+"""Train-step speed of the full AlexNet (224 crops), and the machine's float32
+matmul rate measured in the same run.
+
+  python benchmarks/train_step.py [--batch=32] [--mesh=1,1] [--steps=5]
+  python benchmarks/train_step.py --grouped_conv   # towers on one device
+
+--mesh=D,T runs on a (data=D, tower=T) mesh; on a CPU with fewer devices it
+makes D*T fake devices that share the machine's cores.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A training step costs ~3x the forward pass: 3 x 1.45 GFLOP (PAPER.md).
+FLOP_PER_IMAGE = 4.35e9
+
+
+def timed(fn, *args, repeats):
+  """Best wall time of `repeats` calls, after one warm-up call."""
+  import jax
+  jax.block_until_ready(fn(*args))
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def matmul_rate(n=4096, repeats=5):
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  return 2 * n**3 / timed(f, a, repeats=repeats)
+
+
+def grouped_vs_split(batch):
+  """conv2 of both towers on one device: one feature_group_count=2 conv vs
+  two plain convs (forward + backward)."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  key = jax.random.PRNGKey(0)
+  x = jax.random.normal(key, (batch, 27, 27, 96))
+  k = jax.random.normal(key, (2, 5, 5, 48, 128)) * 0.01
+  conv = lambda x, k, g: lax.conv_general_dilated(
+      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=g)
+
+  def grouped(x, k):
+    return conv(x, jnp.concatenate([k[0], k[1]], -1), 2).sum()
+
+  def split(x, k):
+    return sum(conv(x[..., 48 * t:48 * (t + 1)], k[t], 1).sum()
+               for t in range(2))
+
+  out = {}
+  for name, f in (('grouped', grouped), ('split', split)):
+    out[name] = timed(jax.jit(jax.grad(f, argnums=(0, 1))), x, k, repeats=3)
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--mesh', default='1,1', help='data,tower')
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--grouped_conv', action='store_true')
+  parser.add_argument('--dtype', default='float32')
+  args = parser.parse_args()
+  d, t = (int(x) for x in args.mesh.split(','))
+  if d * t > 1 and 'cpu' in os.environ.get('JAX_PLATFORMS', 'cpu'):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={d*t}')
+  import jax
+  import numpy as np
+  from alexnet_jax import mesh as mesh_lib
+  from alexnet_jax import optimizer, train_step
+  from alexnet_jax.model import create_model
+  from configs.alexnet import get_config
+
+  dev = jax.devices()[0]
+  print(f'device: {dev.platform} {dev.device_kind}, {jax.device_count()} '
+        f'device(s), {os.cpu_count()} CPU cores, jax {jax.__version__}')
+  if args.grouped_conv:
+    for name, s in grouped_vs_split(args.batch).items():
+      print(f'conv2 fwd+bwd, both towers, batch {args.batch}, {name}: '
+            f'{s * 1e3:.1f} ms')
+    return
+
+  config = get_config()
+  config.model.dtype = args.dtype
+  size = config.data.crop_size
+  model = create_model(config.model)
+  mesh = mesh_lib.make_mesh(model.num_towers, t, d)
+  tx = optimizer.create_optimizer(config.optim)
+  state = train_step.create_train_state(model, tx, mesh,
+                                        jax.random.PRNGKey(0), size)
+  step = train_step.make_train_step(model, tx, mesh, state)
+  rng = np.random.default_rng(0)
+  batch = jax.device_put(
+      {'images': rng.normal(0, 60, (args.batch, size, size, 3)).astype(
+          np.float32),
+       'labels': rng.integers(0, 1000, args.batch).astype(np.int32)},
+      mesh_lib.data_sharding(mesh))
+  state, m = step(state, batch)  # Compile.
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times))
+  rate = matmul_rate()
+  ips = args.batch / step_s
+  print(f'mesh (data={d}, tower={t}), batch {args.batch}, {args.dtype}: '
+        f'{step_s * 1e3:.0f} ms/step (median of {args.steps}), '
+        f'{ips:.1f} images/s, {ips * FLOP_PER_IMAGE / 1e9:.1f} GFLOP/s')
+  print(f'float32 matmul 4096x4096: {rate / 1e9:.1f} GFLOP/s; the train step '
+        f'runs at {ips * FLOP_PER_IMAGE / rate:.1%} of it')
+
+
+if __name__ == '__main__':
+  main()
