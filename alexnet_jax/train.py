@@ -93,8 +93,10 @@ def parameter_table(params) -> Tuple[str, int]:
 def live_units(model, mesh, params, images) -> Dict[str, float]:
   """Fraction of fc6/fc7 ReLUs that fire for at least one image (§5 init).
 
-  Runs the whole model on the mesh without dropout and records the output of
-  every activation; fc6's and fc7's are the last 2 x num_towers of them.
+  Runs the whole model on the mesh without dropout; the model sows each
+  hidden fc layer's tower activations as 'intermediates' `<layer>_features`
+  (or, failing that, every activation's output is captured: fc6's and fc7's
+  are the last 2 x num_towers).
   """
   towers = model.num_towers
 
@@ -102,13 +104,14 @@ def live_units(model, mesh, params, images) -> Dict[str, float]:
     _, state = model.apply({'params': params}, images,
                            capture_intermediates=lambda m, n: n == '_act',
                            mutable=['intermediates'])
-    acts = state['intermediates']['_act']
-    out = {}
-    for name, group in (('fc6', acts[-2 * towers:-towers]),
-                        ('fc7', acts[-towers:])):
-      h = jnp.concatenate(group, axis=-1)
-      out[name] = (h > 0).any(axis=0).mean()
-    return out
+    inter = state['intermediates']
+    if 'fc6_features' in inter:
+      groups = {l: inter[f'{l}_features'][0] for l in ('fc6', 'fc7')}
+    else:
+      acts = inter['_act']
+      groups = {'fc6': acts[-2 * towers:-towers], 'fc7': acts[-towers:]}
+    return {l: (jnp.concatenate(g, axis=-1) > 0).any(axis=0).mean()
+            for l, g in groups.items()}
 
   return jax.device_get(jax.jit(
       fractions, out_shardings=NamedSharding(mesh, P()))(params, images))
