@@ -1,0 +1,453 @@
+"""The paper's pictures (Figures 3 and 4), the tower-specialisation measure and
+training curves, as uint8 RGB arrays (H, W, 3) ready for PNG or TensorBoard.
+
+- `conv1_kernel_grid`: Figure 3, the conv1 kernels in one block per tower.
+- `colour_specificity`, `tower_specialisation`, `specialisation_plot`: how
+  colour-specific each conv1 kernel is, summarised per tower (§6.1: "the
+  kernels on GPU 1 are largely color-agnostic, while the kernels on GPU 2 are
+  largely color-specific").
+- `top5_figure`: Figure 4 left, each image with its top-5 classes.
+- `fc7_features`, `nearest_neighbours`, `neighbours_figure`: Figure 4 right,
+  the training images closest to a test image in fc7 space, found in one
+  streaming pass over the training split.
+- `training_curves`, `curves_from_workdir`: loss, error and learning rate.
+
+Plots draw on matplotlib's Agg canvas directly (no pyplot, no display).
+"""
+
+import dataclasses
+import functools
+import glob
+import io
+import json
+import os
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from alexnet_jax import mesh as mesh_lib
+
+# Unit vector of the grey (luminance) axis of RGB space.
+GREY_AXIS = np.ones(3) / np.sqrt(3.0)
+# Expected colour_specificity of a kernel of i.i.d. weights: 2 of its 3 colour
+# dimensions lie off the grey axis. A learned colour-agnostic kernel scores
+# far below it, a colour blob near or above it.
+RANDOM_KERNEL_SPECIFICITY = 2.0 / 3.0
+
+
+# ----------------------------------------------------------------- helpers
+def to_display(images) -> np.ndarray:
+  """uint8 images, (..., H, W, 3): uint8 is kept, floats are min-max scaled
+  per image (mean-subtracted network inputs become viewable)."""
+  x = np.asarray(images)
+  if x.dtype == np.uint8:
+    return x
+  x = x.astype(np.float64)
+  axes = tuple(range(x.ndim - 3, x.ndim))
+  lo, hi = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
+  x = (x - lo) / np.maximum(hi - lo, 1e-12)
+  return np.round(255 * x).astype(np.uint8)
+
+
+def _figure_to_array(fig: Figure) -> np.ndarray:
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_png(path: str, image) -> None:
+  """Writes an (H, W, 3) or (H, W) image (uint8, or floats in [0, 1])."""
+  x = np.asarray(image)
+  if x.dtype != np.uint8:
+    x = np.round(255 * np.clip(x, 0, 1)).astype(np.uint8)
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  Image.fromarray(x).save(path, format='PNG')
+
+
+def png_bytes(image) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def write_to_tensorboard(writer, step: int, images: Mapping[str, np.ndarray]):
+  """Writes {name: (H, W, 3) image} through a clu MetricWriter (as N=1)."""
+  writer.write_images(step, {name: np.asarray(im)[None]
+                             for name, im in images.items()})
+
+
+# ----------------------------------------------- Figure 3: conv1 kernels
+@dataclasses.dataclass(frozen=True)
+class Tile:
+  """Where kernel `kernel` of tower `tower` sits in the grid, in pixels."""
+  tower: int
+  kernel: int
+  top: int
+  left: int
+  size: int
+
+
+def kernel_grid_layout(num_towers: int, num_kernels: int, kernel_size: int,
+                       columns: int = 16, gap: int = 1,
+                       tower_gap: int = 6) -> Tuple[List[Tile], Tuple[int, int]]:
+  """Tiles of a grid with one row block per tower, and the (H, W) of the grid.
+
+  Each tower's `num_kernels` kernels fill rows of `columns` tiles (48 -> 3
+  rows of 16 as in Figure 3); tiles are `gap` pixels apart and the tower
+  blocks `tower_gap` pixels apart, with a `gap` border around the grid.
+  """
+  columns = max(1, min(columns, num_kernels))
+  rows = -(-num_kernels // columns)
+  step = kernel_size + gap
+  block_height = rows * step - gap
+  tiles = []
+  for t in range(num_towers):
+    block_top = gap + t * (block_height + tower_gap)
+    for k in range(num_kernels):
+      r, c = divmod(k, columns)
+      tiles.append(Tile(t, k, block_top + r * step, gap + c * step,
+                        kernel_size))
+  height = 2 * gap + num_towers * block_height + (num_towers - 1) * tower_gap
+  width = 2 * gap + columns * step - gap
+  return tiles, (height, width)
+
+
+def _normalise_kernels(kernels: np.ndarray, per: str) -> np.ndarray:
+  """(T, O, H, W, 3) weights -> [0, 1], zero weight at mid-grey 0.5.
+
+  Symmetric contrast scaling, 0.5 + 0.5 w / max|w|, so a colour-agnostic
+  kernel stays grey-scale and a colour one keeps its hue. per='kernel' scales
+  each kernel by its own max|w| (as Figure 3 shows them); per='layer' uses one
+  scale for all, so weak kernels look faint.
+  """
+  if per == 'kernel':
+    scale = np.abs(kernels).max(axis=(2, 3, 4), keepdims=True)
+  elif per == 'layer':
+    scale = np.abs(kernels).max()
+  else:
+    raise ValueError(f"per must be 'kernel' or 'layer', got {per!r}.")
+  return 0.5 + 0.5 * kernels / np.maximum(scale, 1e-12)
+
+
+def conv1_kernel_grid(params, *, columns: int = 16, zoom: int = 4,
+                      gap: int = 1, tower_gap: int = 6, per: str = 'kernel',
+                      background: int = 255, return_layout: bool = False):
+  """Figure 3: the conv1 kernels, one row block per tower, as uint8 RGB.
+
+  params['conv1']['kernel'] is (T, H, W, 3, O), HWIO per tower; every T and
+  O works. Each kernel pixel becomes zoom x zoom pixels. With
+  return_layout=True also returns the list of `Tile`s (pixel positions).
+  """
+  w = np.asarray(jax.device_get(params['conv1']['kernel']), np.float64)
+  num_towers, size, _, channels, num_kernels = w.shape
+  if channels != 3:
+    raise ValueError(f'conv1 kernels need 3 input channels, got {channels}.')
+  kernels = _normalise_kernels(np.moveaxis(w, -1, 1), per)  # (T, O, H, W, 3)
+  kernels = kernels.repeat(zoom, axis=2).repeat(zoom, axis=3)
+  tiles, (height, width) = kernel_grid_layout(
+      num_towers, num_kernels, size * zoom, columns, gap, tower_gap)
+  grid = np.full((height, width, 3), background, np.uint8)
+  for tile in tiles:
+    grid[tile.top:tile.top + tile.size, tile.left:tile.left + tile.size] = (
+        np.round(255 * kernels[tile.tower, tile.kernel]).astype(np.uint8))
+  return (grid, tiles) if return_layout else grid
+
+
+# ------------------------------------------------ tower specialisation
+def colour_specificity(kernel_hwio) -> np.ndarray:
+  """Share of each kernel's energy off the grey axis, (O,) floats in [0, 1].
+
+  For a kernel w (H, W, 3, O), each pixel's RGB weight vector v splits into
+  its luminance part (v . g) g, g = (1, 1, 1)/sqrt(3), and the rest:
+
+    colour_specificity = sum_pixels |v - (v . g) g|^2 / sum_pixels |v|^2.
+
+  A kernel with equal R, G, B weights (it sees only brightness) scores 0; one
+  whose colour weights sum to zero at every pixel (R = -G, or blue vs yellow)
+  scores 1; a single-channel kernel scores 2/3, as does a random one on
+  average. The kernel's spatial mean is kept: a uniform colour blob is a
+  colour detector. An all-zero kernel scores 0.
+  """
+  w = np.asarray(jax.device_get(kernel_hwio), np.float64)
+  total = (w ** 2).sum(axis=(0, 1, 2))
+  luminance = (np.tensordot(w, GREY_AXIS, axes=([2], [0])) ** 2).sum(
+      axis=(0, 1))
+  colour = np.maximum(total - luminance, 0.0)
+  return np.where(total > 0, colour / np.where(total > 0, total, 1.0), 0.0)
+
+
+def tower_specialisation(params, threshold: float = 0.5) -> Dict[str, Dict]:
+  """Per tower ('tower1', 'tower2', ...): the colour_specificity of its
+  conv1 kernels (values) and their mean, median and fraction_colour, the
+  share of kernels whose specificity is above `threshold`.
+
+  The paper's claim reads: tower1 low (grey kernels), tower2 high. Which
+  tower specialises in colour is not fixed by the architecture, only that
+  they differ.
+  """
+  kernels = np.asarray(jax.device_get(params['conv1']['kernel']))
+  stats = {}
+  for t, kernel in enumerate(kernels):
+    values = colour_specificity(kernel)
+    stats[f'tower{t + 1}'] = {
+        'mean': float(values.mean()), 'median': float(np.median(values)),
+        'fraction_colour': float((values > threshold).mean()),
+        'values': values}
+  return stats
+
+
+def specialisation_summary(stats) -> Dict[str, Dict[str, float]]:
+  """tower_specialisation without the per-kernel values (for JSON, logs)."""
+  return {t: {k: v for k, v in s.items() if k != 'values'}
+          for t, s in stats.items()}
+
+
+def specialisation_plot(stats, threshold: float = 0.5) -> np.ndarray:
+  """Sorted colour_specificity bars per tower, as uint8 RGB."""
+  fig = Figure(figsize=(3.2 * len(stats), 2.8), dpi=100)
+  for i, (tower, s) in enumerate(stats.items()):
+    ax = fig.add_subplot(1, len(stats), i + 1)
+    values = np.sort(s['values'])
+    ax.bar(np.arange(len(values)), values, width=1.0,
+           color=np.where(values > threshold, 'tab:red', 'tab:gray'))
+    ax.axhline(RANDOM_KERNEL_SPECIFICITY, color='k', ls=':', lw=1,
+               label='random kernel')
+    ax.set_ylim(0, 1)
+    ax.set_title(f'{tower}: mean {s["mean"]:.2f}, '
+                 f'{100 * s["fraction_colour"]:.0f}% > {threshold:g}',
+                 fontsize=9)
+    ax.set_xlabel('conv1 kernels, sorted', fontsize=8)
+    if i == 0:
+      ax.set_ylabel('colour specificity', fontsize=8)
+      ax.legend(fontsize=7, loc='upper left')
+  fig.tight_layout()
+  return _figure_to_array(fig)
+
+
+# ------------------------------------------ Figure 4 left: top-5 guesses
+def top5_figure(images, probs, labels, class_names: Sequence[str],
+                k: int = 5) -> np.ndarray:
+  """Each image above its top-k classes as bars; the correct class in red.
+
+  images (N, H, W, 3) uint8 or float (scaled per image); probs (N, C)
+  softmax outputs; labels (N,) the correct classes.
+  """
+  images, probs = to_display(images), np.asarray(probs)
+  labels = np.asarray(labels)
+  n = len(images)
+  fig = Figure(figsize=(2.2 * n, 3.6), dpi=100)
+  for i in range(n):
+    top = np.argsort(-probs[i])[:k]
+    ax = fig.add_subplot(2, n, i + 1)
+    ax.imshow(images[i])
+    ax.set_title(class_names[labels[i]], fontsize=8)
+    ax.axis('off')
+    ax = fig.add_subplot(2, n, n + i + 1)
+    colours = ['tab:red' if c == labels[i] else 'tab:blue' for c in top]
+    ax.barh(np.arange(k), probs[i, top], color=colours)
+    ax.set_yticks(np.arange(k), [class_names[c] for c in top], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.tick_params(axis='x', labelsize=6)
+  fig.tight_layout()
+  return _figure_to_array(fig)
+
+
+# ------------------------------------ Figure 4 right: nearest neighbours
+@functools.lru_cache(maxsize=None)
+def fc7_function(model, mesh=None):
+  """jit'd `fn(params, images) -> (B, num_towers * fc7 width)`.
+
+  The towers' fc7 activations (the model sows them as intermediates
+  'fc7_features'), concatenated in tower order: 4096-d for the paper's net.
+  With a mesh the model runs under shard_map like training does, images
+  split over 'data' and towers over 'tower'.
+  """
+
+  def local(m, params, images):
+    _, state = m.apply({'params': params}, images, mutable=['intermediates'])
+    (per_tower,) = state['intermediates']['fc7_features']
+    return jnp.concatenate(per_tower, axis=-1)
+
+  if mesh is None:
+    return jax.jit(functools.partial(local, model))
+  local_model = model.clone(tower_axis=mesh_lib.TOWER,
+                            tower_axis_size=mesh.shape[mesh_lib.TOWER])
+
+  def sharded(params, images):
+    mesh_lib.check_batch_size(images.shape[0], mesh)
+    return jax.shard_map(
+        functools.partial(local, local_model), mesh=mesh,
+        in_specs=(mesh_lib.param_specs(params), P(mesh_lib.DATA)),
+        # Device (d, t) holds its towers' features: concatenating over the
+        # tower axis puts them in tower order.
+        out_specs=P(mesh_lib.DATA, mesh_lib.TOWER))(params, images)
+
+  return jax.jit(sharded)
+
+
+def fc7_features(model, params, images, mesh=None) -> jax.Array:
+  """fc7 activations of `images` (inference mode, no dropout)."""
+  return fc7_function(model, mesh)(params, images)
+
+
+@jax.jit
+def _merge_top_k(best_d2, best_idx, queries, candidates, offset, num_valid):
+  """Running top-k (smallest squared distance) merged with one batch."""
+  q2 = jnp.sum(queries * queries, axis=1, keepdims=True)
+  c2 = jnp.sum(candidates * candidates, axis=1)
+  cross = jnp.dot(queries, candidates.T, precision=jax.lax.Precision.HIGHEST)
+  d2 = jnp.maximum(q2 - 2 * cross + c2[None], 0.0)
+  position = jnp.arange(candidates.shape[0])
+  d2 = jnp.where(position[None] < num_valid, d2, jnp.inf)  # padding
+  idx = jnp.broadcast_to(offset + position, d2.shape)
+  all_d2 = jnp.concatenate([best_d2, d2], axis=1)
+  all_idx = jnp.concatenate([best_idx, idx], axis=1)
+  neg, pick = jax.lax.top_k(-all_d2, best_d2.shape[1])
+  return -neg, jnp.take_along_axis(all_idx, pick, axis=1)
+
+
+def _candidates(batch, rows: int, mesh):
+  """The batch as float32, zero-padded to `rows` rows (masked out later), and
+  split over the mesh's 'data' axis if there is one."""
+  batch = jnp.asarray(batch, jnp.float32)
+  if rows > batch.shape[0]:
+    batch = jnp.pad(batch, ((0, rows - batch.shape[0]), (0, 0)))
+  if mesh is None:
+    return batch
+  return jax.device_put(batch, NamedSharding(mesh, P(mesh_lib.DATA)))
+
+
+def nearest_neighbours(query_features, train_feature_batches: Iterable,
+                       k: int, mesh=None) -> Tuple[np.ndarray, np.ndarray]:
+  """The k training examples closest to each query in Euclidean distance.
+
+  query_features (Q, D); train_feature_batches yields (B_i, D) arrays, e.g.
+  fc7_features of the training split batch by batch. Memory is one batch plus
+  a running (Q, k) top-k. Returns indices (Q, k) into the concatenated
+  stream (0 = first example of the first batch) and distances (Q, k), nearest
+  first; ties keep the earlier example. With a mesh each batch is split over
+  its 'data' axis. Batches are padded to the largest size seen so far (and a
+  multiple of the data axis), so a pass with one batch size and a short last
+  batch compiles once. Distances use |q|^2 - 2 q.x + |x|^2 in float32 at full
+  matmul precision: an exact duplicate's distance is 0 up to rounding.
+  """
+  queries = jnp.asarray(query_features, jnp.float32)
+  best_d2 = jnp.full((queries.shape[0], k), jnp.inf, jnp.float32)
+  best_idx = jnp.full((queries.shape[0], k), -1, jnp.int32)
+  offset, rows = 0, 0
+  data = 1 if mesh is None else mesh.shape[mesh_lib.DATA]
+  for batch in train_feature_batches:
+    n = len(batch)
+    rows = max(rows, n + -n % data)
+    candidates = _candidates(batch, rows, mesh)
+    best_d2, best_idx = _merge_top_k(best_d2, best_idx, queries, candidates,
+                                     jnp.int32(offset), jnp.int32(n))
+    offset += n
+  if offset < k:
+    raise ValueError(f'Asked for k={k} neighbours of {offset} examples.')
+  best_d2, best_idx = jax.device_get((best_d2, best_idx))
+  return best_idx.astype(np.int64), np.sqrt(best_d2)
+
+
+def neighbours_figure(query_images, neighbour_images, gap: int = 2,
+                      query_gap: int = 8, background: int = 255) -> np.ndarray:
+  """Each query image, a wider gap, then its neighbours, one row per query.
+
+  query_images (Q, H, W, 3); neighbour_images (Q, k, H, W, 3); uint8 or
+  float (scaled per image).
+  """
+  queries, neighbours = to_display(query_images), to_display(neighbour_images)
+  q, k, h, w, _ = neighbours.shape
+  height = q * (h + gap) + gap
+  width = gap + w + query_gap + k * (w + gap)
+  grid = np.full((height, width, 3), background, np.uint8)
+  for i in range(q):
+    top = gap + i * (h + gap)
+    grid[top:top + h, gap:gap + w] = queries[i]
+    for j in range(k):
+      left = gap + w + query_gap + j * (w + gap)
+      grid[top:top + h, left:left + w] = neighbours[i, j]
+  return grid
+
+
+# ---------------------------------------------------------- training curves
+# Panels of `training_curves`: the metric names trainer.MetricsLog writes as
+# '{split}/{name}' scalars.
+CURVE_PANELS = (('loss', ('loss',)), ('error', ('top1_error', 'top5_error')),
+                ('learning rate', ('learning_rate',)))
+
+
+def training_curves(history: Mapping[str, Sequence[Tuple[int, float]]],
+                    title: Optional[str] = None) -> np.ndarray:
+  """Loss, top-1/top-5 error (train and val) and learning rate vs step.
+
+  history: {'train/loss': [(step, value), ...], 'val/top1_error': ...}, as
+  `curves_from_workdir` returns; tags without a split ('loss') count as
+  train. Missing curves are left out.
+  """
+  fig = Figure(figsize=(12, 3.4), dpi=100)
+  for i, (panel, names) in enumerate(CURVE_PANELS):
+    ax = fig.add_subplot(1, len(CURVE_PANELS), i + 1)
+    for tag, points in sorted(history.items()):
+      split, _, name = tag.rpartition('/')
+      if name not in names or not len(points):
+        continue
+      steps, values = zip(*points)
+      ax.plot(steps, values, ls='--' if split == 'val' else '-',
+              marker='.' if len(steps) < 30 else None,
+              label=f'{split or "train"} {name}'.replace('_', ' '))
+    if panel == 'learning rate' and ax.lines:
+      ax.set_yscale('log')
+    ax.set_xlabel('step')
+    ax.set_title(panel)
+    if ax.lines:
+      ax.legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return _figure_to_array(fig)
+
+
+def _scalar_value(value) -> Optional[float]:
+  """The scalar of a TensorBoard summary value, or None if it is not one:
+  a simple_value (TF1 style) or a rank-0 tensor of the 'scalars' plugin (clu
+  and tf.summary write these)."""
+  kind = value.WhichOneof('value')
+  if kind == 'simple_value':
+    return float(value.simple_value)
+  if kind == 'tensor' and value.metadata.plugin_data.plugin_name == 'scalars':
+    from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
+    return float(tensor_util.make_ndarray(value.tensor))
+  return None
+
+
+def curves_from_workdir(workdir: str) -> Dict[str, List[Tuple[int, float]]]:
+  """{tag: [(step, value)]} from the workdir's TensorBoard event files, or
+  from metrics.jsonl when there are none."""
+  history: Dict[str, Dict[int, float]] = {}
+  files = sorted(glob.glob(os.path.join(workdir, '**', 'events.out.tfevents.*'),
+                           recursive=True))
+  if files:
+    from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
+    for path in files:
+      for event in event_file_loader.EventFileLoader(path).Load():
+        for value in event.summary.value:
+          v = _scalar_value(value)
+          if v is not None:  # images, text and histograms are skipped
+            history.setdefault(value.tag, {})[int(event.step)] = v
+  else:
+    path = os.path.join(workdir, 'metrics.jsonl')
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        for name, v in row.items():
+          if name not in ('step', 'split') and isinstance(v, (int, float)):
+            history.setdefault(f'{row["split"]}/{name}', {})[row['step']] = v
+  return {tag: sorted(points.items()) for tag, points in history.items()}
