@@ -390,7 +390,8 @@ def training_curves(history: Mapping[str, Sequence[Tuple[int, float]]],
 
   history: {'train/loss': [(step, value), ...], 'val/top1_error': ...}, as
   `curves_from_workdir` returns; tags without a split ('loss') count as
-  train. Missing curves are left out.
+  train. One colour per metric, train solid and val dashed; missing curves
+  are left out.
   """
   fig = Figure(figsize=(12, 3.4), dpi=100)
   for i, (panel, names) in enumerate(CURVE_PANELS):
@@ -400,7 +401,8 @@ def training_curves(history: Mapping[str, Sequence[Tuple[int, float]]],
       if name not in names or not len(points):
         continue
       steps, values = zip(*points)
-      ax.plot(steps, values, ls='--' if split == 'val' else '-',
+      ax.plot(steps, values, color=f'C{names.index(name)}',
+              ls='--' if split == 'val' else '-',
               marker='.' if len(steps) < 30 else None,
               label=f'{split or "train"} {name}'.replace('_', ' '))
     if panel == 'learning rate' and ax.lines:
