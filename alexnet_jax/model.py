@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from alexnet_jax.conv import conv
+
 CONV_LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
 # conv1's kernel is 11x11 with stride 4, the others 5x5 then 3x3 (Figure 2).
 CONV_KERNEL = {'conv1': 11, 'conv2': 5, 'conv3': 3, 'conv4': 3, 'conv5': 3}
@@ -117,6 +119,8 @@ class AlexNet(nn.Module):
   init_stddev: float = 0.01
   init_bias_one: Sequence[str] = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
   dtype: str = 'float32'
+  # How convolution weight gradients are computed (speed only; see conv.py).
+  conv_kernel_grad: str = 'auto'
   # Set by mesh.py when the module runs under shard_map.
   tower_axis: Optional[str] = None
   tower_axis_size: int = 1
@@ -207,12 +211,10 @@ class AlexNet(nn.Module):
         padding = conv1_padding(self.conv1_padding, images.shape[1], size,
                                 stride)
       else:
-        padding = 'SAME'
+        padding = ((size // 2, size // 2),) * 2  # 'SAME' at stride 1.
       ys = []
       for t in range(l):
-        y = lax.conv_general_dilated(
-            xs[t], kernel[t], (stride, stride), padding,
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        y = conv(xs[t], kernel[t], stride, padding, self.conv_kernel_grad)
         y = self._act(y + bias[t])
         if layer in ('conv1', 'conv2'):
           if self.use_lrn:
