@@ -23,12 +23,13 @@ TINY_DATA = dict(demo_num_classes=4, demo_train_per_class=12,
                  demo_val_per_class=6, demo_image_size=(40, 90))
 
 
-def tiny_config(data_dir, **overrides):
+def tiny_config(data_dir=None, **overrides):
   """configs/alexnet.py:demo, shrunk: 8-image batches, 64x64 crops, a few
   steps. overrides: dotted names ('optim.learning_rate') -> values."""
   from configs import alexnet  # pylint: disable=g-import-not-at-top
   config = alexnet.get_config('demo')
-  config.data.data_dir = data_dir
+  if data_dir is not None:
+    config.data.data_dir = data_dir
   config.data.update(TINY_DATA)
   config.data.prefetch = 1
   config.data.num_parallel_calls = 2
@@ -90,7 +91,7 @@ def subprocess_env(num_devices=8):
 
 
 def start(workdir, overrides, sleep=0.0, emulate_processes=0,
-          num_devices=8) -> subprocess.Popen:
+          num_devices=2) -> subprocess.Popen:
   """Runs this file as a script in a subprocess (see the module docstring)."""
   cmd = [sys.executable, os.path.abspath(__file__), workdir,
          json.dumps(overrides), f'--sleep={sleep}',
@@ -148,7 +149,7 @@ def _main(argv):
   from alexnet_jax import train  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   overrides = json.loads(args.overrides)
-  config = tiny_config(overrides.pop('data.data_dir'), **overrides)
+  config = tiny_config(**overrides)
   if args.emulate_processes:
     input_pipeline.train_iterator = _emulated_train_iterator(
         args.emulate_processes)

@@ -1,0 +1,146 @@
+"""Checkpoints: kill -9 and resume is bitwise the uninterrupted run; SIGTERM
+saves and exits 0; keep last N + best; restore onto another mesh."""
+
+import functools
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from alexnet_jax import checkpoint as checkpoint_lib
+from alexnet_jax import mesh as mesh_lib
+from alexnet_jax import model as model_lib
+from alexnet_jax import optimizer as optimizer_lib
+from alexnet_jax import train
+from alexnet_jax import train_step as train_step_lib
+from tests import train_helpers as th
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  return th.prepare_data(str(tmp_path_factory.getbasetemp() / 'demo_data'))
+
+
+def _restore_params(workdir, config, mesh=None):
+  """The latest checkpoint's params (and its step), as numpy."""
+  mesh = mesh or mesh_lib.make_mesh(config.model.num_towers, 1, 1)
+  model = model_lib.create_model(config.model)
+  tx = optimizer_lib.create_optimizer(config.optim)
+  abstract = jax.eval_shape(functools.partial(
+      train_step_lib.create_train_state, model, tx, mesh,
+      jax.random.PRNGKey(config.seed), config.data.crop_size))
+  manager = checkpoint_lib.create_manager(
+      os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  state, extra = checkpoint_lib.restore(manager, abstract, mesh)
+  manager.close()
+  return jax.device_get(state), extra
+
+
+def _assert_same_tree(a, b):
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
+                          jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
+def test_kill9_then_resume_is_bitwise_the_uninterrupted_run(data_dir,
+                                                            tmp_path):
+  overrides = {'data.data_dir': data_dir, 'total_steps': 10,
+               'checkpoint.every_steps': 3, 'eval.every_steps': 4,
+               'schedule.kind': 'plateau', 'schedule.patience': 1}
+  whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
+  uninterrupted = th.start(whole, overrides)
+  proc = th.start(broken, overrides, sleep=0.3)
+  th.wait_for(lambda: 6 in th.checkpoint_steps(broken), proc,
+              what='the checkpoint of step 6')
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert max(th.checkpoint_steps(broken)) < 10, 'killed too late'
+  out, _ = uninterrupted.communicate(timeout=300)
+  assert uninterrupted.returncode == 0, out[-3000:]
+  proc = th.start(broken, overrides)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'Resumed from the checkpoint of step' in out
+
+  config = th.tiny_config(**overrides)
+  a, a_extra = _restore_params(whole, config)
+  b, b_extra = _restore_params(broken, config)
+  assert int(a.step) == int(b.step) == 10
+  _assert_same_tree(a, b)  # Params, momentum, lr, rng: bit for bit.
+  assert a_extra == b_extra  # The plateau rule's state.
+  assert th.read_metrics(whole) == th.read_metrics(broken)
+
+
+def test_sigterm_saves_at_next_step_and_exits_zero(data_dir, tmp_path):
+  workdir = str(tmp_path)
+  overrides = {'data.data_dir': data_dir, 'total_steps': 200,
+               'checkpoint.every_steps': 1000, 'eval.every_steps': 1000}
+  proc = th.start(workdir, overrides, sleep=0.2)
+  th.wait_for(lambda: os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
+              and len(th.read_metrics(workdir)) >= 3, proc,
+              what='three logged steps')
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'Preempted' in out
+  last = max(s for split, s in th.read_metrics(workdir) if split == 'train')
+  assert last < 200
+  assert th.checkpoint_steps(workdir) == [last]
+
+
+def _tiny_state(step, value):
+  return train_step_lib.TrainState(
+      step=jnp.asarray(step, jnp.int32), params={'w': jnp.full((3,), value)},
+      opt_state=(), rng=jax.random.PRNGKey(0))
+
+
+def test_keeps_the_last_n_plus_the_best(tmp_path):
+  c = ml_collections.ConfigDict(dict(keep=2, keep_best=1, async_save=True))
+  manager = checkpoint_lib.create_manager(str(tmp_path), c)
+  for step, err in [(1, 0.5), (2, 0.2), (3, 0.4), (4, None), (5, None)]:
+    checkpoint_lib.save(manager, _tiny_state(step, step), {'s': step}, err)
+  manager.wait_until_finished()
+  assert manager.all_steps() == [2, 4, 5]
+  mesh = mesh_lib.make_mesh(1, 1, 1)
+  state, extra = checkpoint_lib.restore(
+      manager, jax.eval_shape(lambda: _tiny_state(0, 0.0)), mesh, step=2)
+  assert extra == {'s': 2} and float(state.params['w'][0]) == 2.0
+  manager.close()
+
+
+def test_restore_onto_another_mesh(data_dir, tmp_path):
+  """Trained on 2 data x 2 towers, restored and evaluated on one device."""
+  workdir = str(tmp_path)
+  config = th.tiny_config(data_dir, total_steps=2,
+                          **{'mesh.data_axis_size': 2,
+                             'mesh.tower_axis_size': 2})
+  trained, _ = train.train_and_evaluate(config, workdir)
+  big = trained.params['conv2']['kernel'].sharding.mesh
+  assert dict(big.shape) == {'data': 2, 'tower': 2}
+
+  one = mesh_lib.make_mesh(config.model.num_towers, 1, 1)
+  state, _ = _restore_params(workdir, config, one)
+  _assert_same_tree(jax.device_get(trained), state)
+
+  model = model_lib.create_model(config.model)
+  manager = checkpoint_lib.create_manager(
+      os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  abstract = jax.eval_shape(functools.partial(
+      train_step_lib.create_train_state, model,
+      optimizer_lib.create_optimizer(config.optim), one,
+      jax.random.PRNGKey(0), config.data.crop_size))
+  restored, _ = checkpoint_lib.restore(manager, abstract, one)
+  manager.close()
+  assert restored.params['conv2']['kernel'].sharding.mesh.devices.size == 1
+  images = jax.random.normal(jax.random.PRNGKey(1), (4, 64, 64, 3)) * 50
+  batch = {'images': images, 'labels': jnp.arange(4) % 4}
+  on_one = train_step_lib.make_eval_step(model, one, restored.params)(
+      restored.params, batch)
+  on_four = train_step_lib.make_eval_step(model, big, trained.params)(
+      trained.params, batch)
+  np.testing.assert_allclose(on_one['loss'], on_four['loss'], rtol=1e-5)
+  assert float(on_one['top1_correct']) == float(on_four['top1_correct'])
