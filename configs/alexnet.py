@@ -8,8 +8,17 @@ Command:
   python launch.py --config=configs/alexnet.py --workdir=/tmp/alexnet \
       --config.data.manual_dir=/path/with/ILSVRC2012_tars
 
+Expected time: ~90 epochs of 10,009 steps; the paper took 5-6 days on two
+GTX 580 3GB GPUs (§5). On a modern accelerator the JPEG decoding and
+augmentation set the pace (docs/BENCHMARKS_input.md).
+Expected result (PAPER.md): 40.7% top-1 / 18.2% top-5 validation error for
+one network with 10-crop testing (§6); the centre crop evaluated during
+training reads about 2 points higher in top-1 (cuda-convnet2: 42.5% centre
+crop vs 40.4% with 10 crops).
+
 Variants (``--config=configs/alexnet.py:VARIANT``):
-  demo         the built-in generated data and a small network; minutes on a CPU.
+  demo         the built-in generated data and a small network (configs/demo.py):
+               >= 90% validation top-1 in ~3 minutes on a 2-core CPU.
   no_lrn       ablation: no local response normalisation (§3.3).
   no_overlap   ablation: 2x2/2 pools instead of overlapping 3x3/2 (§3.4).
   one_tower    ablation: one tower with half the kernels per conv layer (§3.2).
