@@ -23,6 +23,9 @@ Variants (``--config=configs/alexnet.py:VARIANT``):
   no_overlap   ablation: 2x2/2 pools instead of overlapping 3x3/2 (§3.4).
   one_tower    ablation: one tower with half the kernels per conv layer (§3.2).
   tanh         ablation: tanh instead of ReLU (§3.1).
+  no_exchange  the towers never exchange features (fc8 still sums them).
+  exchange_all the towers exchange before every layer after conv1.
+Variants combine: --config=configs/alexnet.py:demo,no_lrn.
 """
 
 import ml_collections
@@ -118,6 +121,18 @@ def get_config(variant: str = ''):
   d.channel_means = (127.3, 119.7, 104.9)
   # Antialiased bilinear resize to 256 (the paper does not say which filter).
   d.resize_antialias = True
+  # Train crops are resampled straight from the decoded image (no 256x256
+  # float image): antialiased only when downscaling by more than this factor,
+  # plain bilinear at the same sampling points otherwise (alexnet_jax/
+  # preprocess.py decode_crop_resize; docs/BENCHMARKS_input.md).
+  d.train_antialias_above = 2.0
+  # True: bilinear at exactly the resize-then-crop sampling points
+  # (crop_and_resize); False: resize the nearest whole-pixel window (<= 0.5
+  # source pixel off, faster).
+  d.train_exact_window = True
+  # JPEG IDCT for train decoding: '' (libjpeg default), 'INTEGER_FAST'
+  # (faster, slightly less accurate) or 'INTEGER_ACCURATE'.
+  d.train_dct_method = ''
   # Records are shuffled inside fixed windows of this many (after permuting
   # the shards each epoch), so a restart can jump to any step cheaply.
   d.shuffle_buffer = 10_000
@@ -193,6 +208,14 @@ def apply_variant(config, variant):
       config.model.fc_features = 4096
     elif v == 'tanh':
       config.model.activation = 'tanh'  # §3.1, Figure 1.
+    elif v == 'no_exchange':
+      # The towers never read each other's maps; only fc8 sums their logits.
+      config.model.exchange = ()
+    elif v == 'exchange_all':
+      # Every layer after conv1 reads both towers (a one-tower net's
+      # connectivity, split over two devices).
+      config.model.exchange = ('conv2', 'conv3', 'conv4', 'conv5', 'fc6',
+                               'fc7')
     elif v == 'demo':
       from configs import demo  # pylint: disable=g-import-not-at-top
       demo.apply(config)
