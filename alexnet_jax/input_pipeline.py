@@ -22,6 +22,7 @@ logged (absl, WARNING) as a running total; nothing crashes.
 """
 
 import dataclasses
+import functools
 import os
 import queue
 import threading
@@ -29,6 +30,7 @@ from typing import Callable, Optional, Sequence
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -260,19 +262,23 @@ def local_batch_size(config, mesh, process_count=None):
   return b // pc
 
 
-def _decode_batches(ds, fn, batch, view, parallel):
+def _decode_batches(ds, fn, batch, spec, parallel):
   """(bytes, label, seed) batches -> decoded batches, bad records dropped.
 
-  Decoding a whole record batch as one inner dataset keeps batch boundaries
-  fixed however many records fail: each record batch gives exactly one
-  output, (images, labels, n) with the n good examples (n may be 0).
+  `fn(bytes, seed)` gives a tuple of tensors with the shapes and dtypes of
+  `spec` ((shape, dtype) pairs). Decoding a whole record batch as one inner
+  dataset keeps batch boundaries fixed however many records fail: each
+  record batch gives exactly one output, (outputs, labels, n) with the n
+  good examples (n may be 0).
   """
   none = tf.data.Dataset.from_tensors(
-      (tf.zeros((0,) + view, tf.float32), tf.zeros((0,), tf.int32)))
+      (tuple(tf.zeros((0,) + tuple(sh), dt) for sh, dt in spec),
+       tf.zeros((0,), tf.int32)))
 
   def one_batch(images, labels, seeds):
     inner = tf.data.Dataset.from_tensor_slices((images, labels, seeds))
-    inner = inner.map(lambda x, l, s: (tf.ensure_shape(fn(x, s), view), l))
+    inner = inner.map(lambda x, l, s: (tuple(
+        tf.ensure_shape(y, sh) for y, (sh, _) in zip(fn(x, s), spec)), l))
     inner = inner.ignore_errors().batch(batch).concatenate(none).take(1)
     return inner.map(lambda x, l: (x, l, tf.shape(l)[0]))
   return ds.interleave(one_batch, cycle_length=parallel, block_length=1,
@@ -293,8 +299,9 @@ def train_dataset(config, source, local_batch, steps, epoch, start_batch=0,
                   process_index=0):
   """tf.data of epoch `epoch`'s `steps` batches, from batch `start_batch` on.
 
-  Yields (images, labels, skipped); batch k of an epoch is a pure function of
-  (seed, process, epoch, k).
+  Yields ((images, offsets, flips, shifts), labels, skipped): uint8 crops and
+  what `pp.train_finish` / `device_finish` need to make the float images;
+  batch k of an epoch is a pure function of (seed, process, epoch, k).
   """
   d = config.data
   order_seed = (config.seed, process_index, epoch)
@@ -305,19 +312,54 @@ def train_dataset(config, source, local_batch, steps, epoch, start_batch=0,
       lambda i, r: (r[0], r[1],
                     tf.random.experimental.stateless_fold_in(seed, i)))
   ds = ds.batch(local_batch, drop_remainder=True)
-  mean = load_mean(config)
-  fn = lambda x, s: pp.train_preprocess(
-      x, s, mean=mean, resize_size=d.resize_size, crop_size=d.crop_size,
-      random_flip_=d.random_flip, pca_noise=d.pca_noise,
-      eigvecs=d.pca_eigvecs, stddevs=d.pca_stddevs,
-      alpha_stddev=d.pca_alpha_stddev, antialias=d.resize_antialias)
-  view = (d.crop_size, d.crop_size, 3)
-  ds = _decode_batches(ds, fn, local_batch, view, _cycle(config))
+  fn = train_example_fn(config)
+  c = d.crop_size
+  spec = (((c, c, 3), tf.uint8), ((2,), tf.int32), ((), tf.bool),
+          ((3,), tf.float32))
+  ds = _decode_batches(ds, fn, local_batch, spec, _cycle(config))
 
   def fill(x, l, n):  # Repeat good examples where bad records were.
     idx = tf.range(local_batch) % tf.maximum(n, 1)
-    return tf.gather(x, idx), tf.gather(l, idx), local_batch - n
+    return (tuple(tf.gather(y, idx) for y in x), tf.gather(l, idx),
+            local_batch - n)
   return ds.filter(lambda x, l, n: n > 0).map(fill).prefetch(1)
+
+
+def train_example_fn(config):
+  """(image bytes, seed) -> pp.train_example's outputs, from config.data."""
+  d = config.data
+  mean = load_mean(config)
+  return lambda x, s: pp.train_example(
+      x, s, mean=mean, resize_size=d.resize_size, crop_size=d.crop_size,
+      random_flip_=d.random_flip, pca_noise=d.pca_noise,
+      eigvecs=d.pca_eigvecs, stddevs=d.pca_stddevs,
+      alpha_stddev=d.pca_alpha_stddev, antialias=d.resize_antialias,
+      antialias_above=d.train_antialias_above,
+      dct_method=d.train_dct_method, exact=d.train_exact_window)
+
+
+def device_finish(config, mesh):
+  """jit fn: global (uint8 images, offsets, flips, shifts) -> float32 images
+  (pp.train_finish, on the accelerator: 4x less host-to-device traffic and
+  one fused pass instead of the host's float work)."""
+  d = config.data
+  mean = load_mean(config)
+  c = d.crop_size
+  sharding = NamedSharding(mesh, P('data'))
+  per_pixel = mean.ndim == 3
+  mean = jax.device_put(mean if per_pixel else np.zeros((1, 1, 3), np.float32),
+                        NamedSharding(mesh, P()))
+
+  @functools.partial(jax.jit, out_shardings=sharding)
+  def finish(images, offsets, flips, shifts, mean):
+    x = images.astype(jnp.float32) - shifts[:, None, None, :]
+    if per_pixel:
+      def crop(o, f):
+        m = jax.lax.dynamic_slice(mean, (o[0], o[1], 0), (c, c, 3))
+        return jnp.where(f, m[:, ::-1], m)
+      x = x - jax.vmap(crop)(offsets, flips)
+    return x
+  return lambda *parts: finish(*parts, mean)
 
 
 def eval_dataset(config, source, local_batch, ten_crop=False):
@@ -331,10 +373,11 @@ def eval_dataset(config, source, local_batch, ten_crop=False):
       lambda x, l: (x, l, tf.zeros([2], tf.int64)))
   ds = ds.batch(local_batch)
   view = ((10,) if ten_crop else ()) + (d.crop_size, d.crop_size, 3)
-  ds = _decode_batches(ds, fn, local_batch, view, _cycle(config))
+  ds = _decode_batches(ds, lambda x, s: (fn(x, s),), local_batch,
+                       ((view, tf.float32),), _cycle(config))
 
   def pad(x, l, n):
-    k = local_batch - n
+    x, k = x[0], local_batch - n
     x = tf.concat([x, tf.zeros((k,) + view, x.dtype)], 0)
     return x, tf.pad(l, [[0, k]]), tf.sequence_mask(n, local_batch, tf.float32)
   return ds.map(pad).prefetch(1)
@@ -395,6 +438,8 @@ def train_iterator(config, mesh, start_step=0, *, process_index=None,
   source = get_source(config, 'train', pi, pc)
   steps = steps_per_epoch(config, source, pc)
   counter = SkipCounter('train')
+  finish = device_finish(config, mesh)
+  sharding = NamedSharding(mesh, P('data'))
 
   def batches():
     epoch, k = divmod(start_step, steps)
@@ -403,7 +448,10 @@ def train_iterator(config, mesh, start_step=0, *, process_index=None,
                          pi)
       for x, l, skipped in ds.as_numpy_iterator():
         counter.add(skipped)
-        yield _to_global(mesh, {'images': x, 'labels': l})
+        parts = [jax.make_array_from_process_local_data(sharding, y)
+                 for y in x]
+        yield {'images': finish(*parts),
+               'labels': jax.make_array_from_process_local_data(sharding, l)}
       epoch, k = epoch + 1, 0
   return prefetch(batches(), config.data.prefetch)
 

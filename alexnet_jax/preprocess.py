@@ -14,8 +14,16 @@ Scale: float32 on 0-255 throughout, as in the paper ("raw RGB values", §2).
   pca_lighting        add V (alpha * s) to every pixel (§4.1)
   central_crop        the centre window, for evaluation
   ten_crop            4 corners + centre, each with its mirror (§4.1, test)
+
+Training does not run these one after the other on a float 256x256 image
+(that is `train_preprocess_reference`): `train_example` decodes only the
+random crop's window and resamples it straight to the crop at the same
+sampling points (`decode_crop_resize`), keeps uint8, and leaves the mean and
+PCA subtraction to one batched step (`train_finish`, or on the accelerator
+in input_pipeline.device_finish). docs/BENCHMARKS_input.md has the figures.
 """
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -114,10 +122,205 @@ def ten_crop(image, crop_size):
   return tf.concat([crops, crops[:, :, ::-1]], axis=0)
 
 
-def train_preprocess(image_bytes, seed, *, mean, resize_size, crop_size,
-                     random_flip_=True, pca_noise=True, eigvecs=None,
-                     stddevs=None, alpha_stddev=0.1, antialias=True):
-  """The full train augmentation of one example; values from config.data."""
+def _square(h, w):
+  s = tf.minimum(h, w)
+  return (h - s) // 2, (w - s) // 2, s
+
+
+def _window(c, s, resize_size, crop_size, radius, margin=2):
+  """One axis of the decode window a crop at offset `c` (256-space) needs.
+
+  Output pixel j of the crop is pixel c + j of the resized square, whose
+  centre lies at square coordinate v_j = (c + j + 0.5) / k - 0.5 (pixel-index
+  units, k = resize_size / s, half-pixel centres as tf.image.resize). The
+  window [lo, lo + n) of the square holds v_0 - radius .. v_last + radius
+  (the kernel's support) plus `margin` pixels for the JPEG decoder's
+  chroma upsampling at a crop edge, clipped to the square. Returns
+  (lo, n, v_0 - lo, v_last - lo).
+  """
+  k = tf.cast(resize_size, tf.float32) / tf.cast(s, tf.float32)
+  c = tf.cast(c, tf.float32)
+  v0 = (c + 0.5) / k - 0.5
+  v1 = (c + crop_size - 0.5) / k - 0.5
+  lo = tf.clip_by_value(tf.cast(tf.floor(v0 - radius), tf.int32) - margin,
+                        0, s - 1)
+  hi = tf.clip_by_value(tf.cast(tf.math.ceil(v1 + radius), tf.int32) + 1 +
+                        margin, lo + 1, s)
+  lof = tf.cast(lo, tf.float32)
+  return lo, hi - lo, v0 - lof, v1 - lof
+
+
+def _repeat_edges(img):
+  """img with its first/last row and column repeated once."""
+  img = tf.concat([img[:1], img, img[-1:]], 0)
+  return tf.concat([img[:, :1], img, img[:, -1:]], 1)
+
+
+def decode_crop_resize(image_bytes, offsets, flip, *, resize_size, crop_size,
+                       antialias=True, antialias_above=2.0, dct_method='',
+                       exact=True):
+  """Encoded image -> the (crop, crop, 3) float32 window at `offsets` of the
+  resize_size square (flipped if `flip`), without making the square.
+
+  The reference is decode_and_resize (central square, resize to 256) then a
+  crop at `offsets` (then a flip). Here the crop's sampling points are mapped
+  back onto the decoded image and only the pixels they need are decoded
+  (`decode_and_crop_jpeg` of that window) and resampled straight to
+  crop x crop:
+    * downscaling by <= `antialias_above` (or antialias=False): bilinear at
+      exactly the reference's sampling points (`crop_and_resize`, the
+      window padded by one replicated pixel so that points past the square's
+      edge clamp as tf.image.resize does). Equal to the reference with
+      antialias=False up to float rounding; for 1 < s/256 <= 2 it omits the
+      reference's antialias widening (a triangle of width s/256 instead of
+      1 pixel).
+    * downscaling by more (and antialias): the antialiased triangle filter
+      of tf.image.resize (`ScaleAndTranslate` with the reference's scale and
+      a translation), equal to the reference where the kernel lies inside
+      the window, which holds its whole support.
+  Pixels next to the window's edge may differ slightly because the JPEG
+  decoder upsamples chroma within the decoded window only (as for the
+  central square in decode_and_resize). The flip is free: crop_and_resize
+  samples the box right to left.
+  """
+  def geometry(h, w):
+    oy, ox, s = _square(h, w)
+    k = tf.cast(resize_size, tf.float32) / tf.cast(s, tf.float32)
+    smooth = tf.logical_and(tf.constant(bool(antialias)),
+                            k * antialias_above < 1.0)
+    radius = tf.where(smooth, 1.0 / k, 1.0)
+    wy = _window(offsets[0], s, resize_size, crop_size, radius)
+    wx = _window(offsets[1], s, resize_size, crop_size, radius)
+    return oy, ox, k, smooth, wy, wx
+
+  is_jpeg = tf.io.is_jpeg(image_bytes)
+
+  def decode_jpeg():
+    shape = tf.image.extract_jpeg_shape(image_bytes)
+    oy, ox, k, smooth, wy, wx = geometry(shape[0], shape[1])
+    window = tf.stack([oy + wy[0], ox + wx[0], wy[1], wx[1]])
+    kw = {'dct_method': dct_method} if dct_method else {}
+    img = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3, **kw)
+    return img, k, smooth, wy, wx
+
+  def decode_other():
+    img = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    shape = tf.shape(img)
+    oy, ox, k, smooth, wy, wx = geometry(shape[0], shape[1])
+    img = img[oy + wy[0]:oy + wy[0] + wy[1], ox + wx[0]:ox + wx[0] + wx[1]]
+    return img, k, smooth, wy, wx
+
+  img, k, smooth, wy, wx = tf.cond(is_jpeg, decode_jpeg, decode_other)
+
+  def bilinear():
+    # Points past the square's edge (upsampling only) clamp to it, as in
+    # tf.image.resize: repeat the edge pixels (cheap: small images only).
+    pad = tf.cast(k > 1.0, tf.int32)
+    padded = tf.cond(k > 1.0, lambda: _repeat_edges(img), lambda: img)
+    pf = tf.cast(pad, tf.float32)
+    hp = tf.cast(wy[1] - 1 + 2 * pad, tf.float32)  # (padded size) - 1.
+    wp = tf.cast(wx[1] - 1 + 2 * pad, tf.float32)
+    x1, x2 = (wx[2] + pf) / wp, (wx[3] + pf) / wp
+    x1, x2 = tf.where(flip, x2, x1), tf.where(flip, x1, x2)
+    box = tf.stack([(wy[2] + pf) / hp, x1, (wy[3] + pf) / hp, x2])
+    return tf.image.crop_and_resize(padded[None], box[None], [0],
+                                    [crop_size, crop_size])[0]
+
+  def fast():
+    # The integer window nearest the crop's footprint, resized whole.
+    ly, ny, lx, nx = (tf.cast(tf.round(v), tf.int32) for v in (
+        wy[2] + 0.5 - 0.5 / k, (wy[3] - wy[2]) + 1.0 / k,
+        wx[2] + 0.5 - 0.5 / k, (wx[3] - wx[2]) + 1.0 / k))
+    ly = tf.clip_by_value(ly, 0, wy[1] - 1)
+    lx = tf.clip_by_value(lx, 0, wx[1] - 1)
+    w = img[ly:ly + tf.maximum(ny, 1), lx:lx + tf.maximum(nx, 1)]
+    w = tf.cond(flip, lambda: w[:, ::-1], lambda: w)
+    return tf.compat.v1.image.resize_bilinear(
+        w[None], [crop_size, crop_size], half_pixel_centers=True)[0]
+
+  def smoothed():
+    # Output j samples window coordinate (j + 0.5 - t) / k (centre units).
+    ty = k * tf.cast(wy[0], tf.float32) - tf.cast(offsets[0], tf.float32)
+    tx = k * tf.cast(wx[0], tf.float32) - tf.cast(offsets[1], tf.float32)
+    out = tf.raw_ops.ScaleAndTranslate(
+        images=img[None], size=[crop_size, crop_size], scale=tf.stack([k, k]),
+        translation=tf.stack([ty, tx]), kernel_type='triangle',
+        antialias=True)[0]
+    return tf.cond(flip, lambda: out[:, ::-1], lambda: out)
+
+  # Both filters have non-negative weights summing to 1: no clipping needed.
+  return tf.cond(smooth, smoothed, bilinear if exact else fast)
+
+
+def train_example(image_bytes, seed, *, mean, resize_size, crop_size,
+                  random_flip_=True, pca_noise=True, eigvecs=None,
+                  stddevs=None, alpha_stddev=0.1, antialias=True,
+                  antialias_above=2.0, dct_method='', exact=True):
+  """The per-example part of the train augmentation, kept in uint8.
+
+  Returns (image, offsets, flip, shift): image (crop, crop, 3) uint8, the
+  random crop of the resized square (flipped), rounded to 8 bits; offsets
+  (2,) int32, the crop's position in the square; flip, bool; shift (3,)
+  float32, the per-channel mean (when `mean` is per channel, else 0) minus
+  the PCA lighting offset. `train_finish` turns a batch of these into the
+  augmented float images: image - mean crop - shift. Same random draws as
+  `train_preprocess_reference` for the same seed.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  limit = resize_size - crop_size
+  oy, ox = crop_offsets(seeds[0], limit, limit)
+  offsets = tf.stack([oy, ox])
+  flip = flip_decision(seeds[1]) if random_flip_ else tf.constant(False)
+  image = decode_crop_resize(
+      image_bytes, offsets, flip, resize_size=resize_size,
+      crop_size=crop_size, antialias=antialias,
+      antialias_above=antialias_above, dct_method=dct_method, exact=exact)
+  image = tf.cast(image + 0.5, tf.uint8)  # Rounded; values are in [0, 255].
+  mean = np.asarray(mean, np.float32)
+  shift = tf.constant(mean if mean.ndim == 1 else np.zeros(3, np.float32))
+  if pca_noise:
+    v = tf.constant(eigvecs, tf.float32)
+    s = tf.constant(stddevs, tf.float32)
+    shift = shift - tf.linalg.matvec(v, pca_alpha(seeds[2], alpha_stddev) * s)
+  return image, offsets, flip, shift
+
+
+def mean_crops(mean, offsets, flips, crop_size):
+  """(B, crop, crop, 3): the per-pixel mean image's crop at each example's
+  offsets, mirrored where flipped (one gather)."""
+  r = mean.shape[1]
+  j = tf.range(crop_size)
+  rows = (offsets[:, 0:1] + j[None]) * r
+  cols = tf.where(flips[:, None], offsets[:, 1:2] + crop_size - 1 - j[None],
+                  offsets[:, 1:2] + j[None])
+  flat = tf.reshape(tf.constant(mean, tf.float32), [-1, 3])
+  return tf.gather(flat, rows[:, :, None] + cols[:, None, :])
+
+
+def train_finish(images, offsets, flips, shifts, *, mean):
+  """A batch of `train_example` outputs -> float32 (B, crop, crop, 3):
+  image - mean crop (per-pixel mean only) - shift. input_pipeline does the
+  same on the accelerator (`device_finish`)."""
+  x = tf.cast(images, tf.float32) - shifts[:, None, None, :]
+  mean = np.asarray(mean, np.float32)
+  if mean.ndim == 3:
+    x = x - mean_crops(mean, offsets, flips, images.shape[1])
+  return x
+
+
+def train_preprocess(image_bytes, seed, *, mean, **kwargs):
+  """The full train augmentation of one example (train_example, then
+  train_finish); kwargs as train_example, values from config.data."""
+  parts = train_example(image_bytes, seed, mean=mean, **kwargs)
+  return train_finish(*(p[None] for p in parts), mean=mean)[0]
+
+
+def train_preprocess_reference(image_bytes, seed, *, mean, resize_size,
+                               crop_size, random_flip_=True, pca_noise=True,
+                               eigvecs=None, stddevs=None, alpha_stddev=0.1,
+                               antialias=True):
+  """The paper's steps one after the other on the float 256x256 square (the
+  slow, literal version; train_preprocess must match it, see the tests)."""
   seeds = tf.random.experimental.stateless_split(seed, 3)
   image = decode_and_resize(image_bytes, resize_size, antialias)
   image = subtract_mean(image, mean)

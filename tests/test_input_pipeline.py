@@ -152,3 +152,23 @@ def test_mean_image_is_used(demo_dir, tmp_path):
   c.data.channel_means = (0.0, 0.0, 0.0)
   raw = next(ip.eval_dataset(c, src, 8).as_numpy_iterator())[0]
   np.testing.assert_allclose(with_mean, raw - 7.0, atol=1e-4)
+
+
+def test_device_finish_equals_train_finish(demo_dir, tmp_path):
+  """The float step on the accelerator equals the tf version (per-pixel
+  mean crops mirrored with the flips, PCA shift)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import preprocess as pp  # pylint: disable=g-import-not-at-top
+  c = demo_config(demo_dir, batch_size=8)
+  path = str(tmp_path / 'mean.npy')
+  mean = np.random.default_rng(0).normal(size=(64, 64, 3)).astype(np.float32)
+  np.save(path, mean)
+  c.data.mean_image_path = path
+  src = ip.get_source(c, 'train', 0, 1)
+  x, _, _ = next(ip.train_dataset(c, src, 8, 2, 0).as_numpy_iterator())
+  mesh = make_mesh(2)
+  sharding = ip.NamedSharding(mesh, ip.P('data'))
+  got = ip.device_finish(c, mesh)(*[ip.jax.device_put(y, sharding) for y in x])
+  want = pp.train_finish(*x, mean=mean).numpy()
+  assert got.sharding.spec == ip.P('data')
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)

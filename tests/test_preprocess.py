@@ -153,3 +153,100 @@ def test_data_stats_match_numpy(tmp_path):
   v, s = stats['eigvecs'], stats['stddevs']
   np.testing.assert_allclose(v @ np.diag(s ** 2) @ v.T, cov, atol=1e-3 * max(1, np.abs(cov).max()))
   assert data_stats.save(stats, str(tmp_path / 'out')).endswith('.npy')
+
+
+def smooth_jpeg(h, w, fmt='JPEG', seed=0, cell=8):
+  """Photo-like: smooth colour fields (bicubic upsampling of noise)."""
+  rng = np.random.default_rng(seed)
+  small = rng.integers(0, 256, (h // cell + 2, w // cell + 2, 3), np.uint8)
+  img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+  buf = io.BytesIO()
+  img.save(buf, fmt, quality=95)
+  return buf.getvalue()
+
+
+# (h, w, format): upsampling, downscaling by < 2x and by > 2x (antialiased
+# path), both orientations, a non-JPEG.
+SIZES = [(40, 50, 'JPEG'), (90, 70, 'JPEG'), (100, 130, 'PNG'),
+         (150, 200, 'JPEG'), (210, 140, 'PNG')]
+
+
+@pytest.mark.parametrize('h,w,fmt', SIZES)
+def test_decode_crop_resize_equals_resize_then_crop(h, w, fmt):
+  """The crop window resampled straight from the decoded image equals the
+  reference (square resized to 64, then cropped, then flipped) up to float
+  rounding: same sampling points; the filter is the reference's antialiased
+  one above 2x downscaling, bilinear below (the reference with
+  antialias=False)."""
+  data = tf.constant(smooth_jpeg(h, w, fmt))
+  aa = min(h, w) > 2 * 64
+  ref = pp.decode_and_resize(data, 64, antialias=aa).numpy()
+  for oy, ox, flip in [(0, 0, False), (8, 3, True), (5, 8, False),
+                       (8, 8, True)]:
+    got = pp.decode_crop_resize(data, tf.constant([oy, ox]),
+                                tf.constant(flip), resize_size=64,
+                                crop_size=56).numpy()
+    want = ref[oy:oy + 56, ox:ox + 56]
+    want = want[:, ::-1] if flip else want
+    assert got.shape == (56, 56, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=0.05)
+
+
+@pytest.mark.parametrize('h,w,fmt', SIZES[1:4])
+def test_inexact_window_close_to_reference(h, w, fmt):
+  data = tf.constant(smooth_jpeg(h, w, fmt, cell=32))
+  ref = pp.decode_and_resize(data, 64, antialias=False).numpy()[5:61, 2:58]
+  got = pp.decode_crop_resize(data, tf.constant([5, 2]), tf.constant(False),
+                              resize_size=64, crop_size=56, exact=False,
+                              antialias=False).numpy()
+  # A shift of <= 0.5 source pixel: small on smooth images.
+  assert np.abs(got - ref).mean() < 3.5
+
+
+@pytest.mark.parametrize('per_pixel', [False, True])
+@pytest.mark.parametrize('h,w,fmt', SIZES)
+def test_train_preprocess_matches_reference(h, w, fmt, per_pixel):
+  """Same draws (crop, flip, PCA) as the literal resize/mean/crop/flip/PCA
+  chain; differs by the uint8 rounding of the resampled crop (<= 0.5)."""
+  data = tf.constant(smooth_jpeg(h, w, fmt))
+  mean = (np.random.default_rng(2).uniform(0, 200, (64, 64, 3)).astype(
+      np.float32) if per_pixel else np.asarray(D.channel_means, np.float32))
+  kw = dict(mean=mean, resize_size=64, crop_size=56, eigvecs=D.pca_eigvecs,
+            stddevs=D.pca_stddevs)
+  for i in range(4):
+    seed = tf.constant([i, 11], tf.int64)
+    got = pp.train_preprocess(data, seed, **kw).numpy()
+    want = pp.train_preprocess_reference(
+        data, seed, antialias=min(h, w) > 128, **kw).numpy()
+    err = np.abs(got - want)
+    assert err.max() < 0.52 and err.mean() < 0.3
+
+
+def test_train_example_in_data_and_finish_matches_numpy():
+  data = tf.constant(smooth_jpeg(90, 120))
+  mean = np.random.default_rng(3).normal(size=(64, 64, 3)).astype(np.float32)
+  kw = dict(mean=mean, resize_size=64, crop_size=56, eigvecs=D.pca_eigvecs,
+            stddevs=D.pca_stddevs)
+  seeds = tf.constant([[i, 1] for i in range(6)], tf.int64)
+  ds = tf.data.Dataset.from_tensor_slices(seeds).map(
+      lambda s: pp.train_example(data, s, **kw)).batch(6)
+  image, offsets, flips, shifts = next(iter(ds.as_numpy_iterator()))
+  assert image.dtype == np.uint8 and image.shape == (6, 56, 56, 3)
+  assert flips.any() and not flips.all()
+  got = pp.train_finish(image, offsets, flips, shifts, mean=mean).numpy()
+  for b in range(6):
+    m = mean[offsets[b, 0]:offsets[b, 0] + 56, offsets[b, 1]:offsets[b, 1] + 56]
+    m = m[:, ::-1] if flips[b] else m
+    np.testing.assert_allclose(got[b], image[b] - m - shifts[b], atol=1e-4)
+    eager = pp.train_example(data, seeds[b], **kw)
+    np.testing.assert_array_equal(eager[0], image[b])
+
+
+def test_dct_method_switch():
+  data = tf.constant(smooth_jpeg(90, 120))
+  kw = dict(resize_size=64, crop_size=56)
+  a = pp.decode_crop_resize(data, tf.constant([3, 4]), tf.constant(False),
+                            **kw).numpy()
+  b = pp.decode_crop_resize(data, tf.constant([3, 4]), tf.constant(False),
+                            dct_method='INTEGER_FAST', **kw).numpy()
+  assert np.abs(a - b).mean() < 2.0
