@@ -23,6 +23,7 @@ logged (absl, WARNING) as a running total; nothing crashes.
 
 import dataclasses
 import functools
+import json
 import os
 import queue
 import threading
@@ -107,6 +108,14 @@ def tfds_source(builder, split, process_index, process_count, window):
     ex = features.deserialize_example(serialized, decoders=decoders)
     return ex['image'], tf.cast(ex['label'], tf.int32)
 
+  return Source(info.num_examples, builder.info.splits[split].num_examples,
+                builder.info.features['label'].num_classes,
+                _sharded_records(instr, parse, window))
+
+
+def _sharded_records(instr, parse, window):
+  """`Source.records` over (file, skip, take) TFRecord shard instructions."""
+
   def records(order_seed, start):
     order = np.arange(len(instr))
     if order_seed is not None:
@@ -135,9 +144,47 @@ def tfds_source(builder, split, process_index, process_count, window):
       ds = _windowed_shuffle(ds, window, order_seed, first_window)
       ds = ds.skip(start - base)
     return ds
+  return records
 
-  return Source(info.num_examples, builder.info.splits[split].num_examples,
-                builder.info.features['label'].num_classes, records)
+
+PREPARED_META = 'prepared.json'
+
+
+def prepared_source(config, split, process_index, process_count):
+  """A copy written by `python -m alexnet_jax.prepare` (images stored at
+  resize_size x resize_size, the paper's trick): the process's contiguous
+  share of the split's shards."""
+  d = config.data
+  path = os.path.join(d.prepared_dir, PREPARED_META)
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(
+        f'config.data.prepared_dir={d.prepared_dir!r} holds no '
+        f'{PREPARED_META}; write it with `python -m alexnet_jax.prepare '
+        '--config=... --out=DIR` or set --config.data.prepared_dir=\'\'.')
+  with tf.io.gfile.GFile(path) as f:
+    meta = json.load(f)
+  if meta['resize_size'] != d.resize_size:
+    raise ValueError(
+        f'{d.prepared_dir!r} holds {meta["resize_size"]}-pixel images but '
+        f'config.data.resize_size={d.resize_size}; prepare it again.')
+  files = meta['splits'][split]
+  total = sum(c for _, c in files)
+  lo, hi = process_range(total, process_index, process_count)
+  instr, pos = [], 0
+  for name, count in files:
+    skip, end = max(lo - pos, 0), min(hi - pos, count)
+    if end > skip:
+      instr.append((os.path.join(d.prepared_dir, name), skip, end - skip))
+    pos += count
+  spec = {'image': tf.io.FixedLenFeature([], tf.string),
+          'label': tf.io.FixedLenFeature([], tf.int64)}
+
+  def parse(serialized):
+    ex = tf.io.parse_single_example(serialized, spec)
+    return ex['image'], tf.cast(ex['label'], tf.int32)
+
+  return Source(hi - lo, total, meta['num_classes'],
+                _sharded_records(instr, parse, d.shuffle_buffer))
 
 
 def folder_source(root, split_dir, process_index, process_count):
@@ -221,6 +268,8 @@ def get_source(config, split, process_index=None, process_count=None):
   if d.dataset not in DATASETS:
     raise ValueError(f'Unknown config.data.dataset={d.dataset!r}; valid: '
                      f'{", ".join(DATASETS)}.')
+  if d.get('prepared_dir'):
+    return prepared_source(config, split, pi, pc)
   if d.dataset == 'folder':
     if not d.folder:
       raise ValueError('dataset=folder needs --config.data.folder=<root with '

@@ -1,6 +1,7 @@
 """Input pipeline throughput next to bare JPEG decoding of the same files.
 
-  python benchmarks/input_pipeline.py [--num_images 400] [--out docs/BENCHMARKS_input.md]
+  python benchmarks/input_pipeline.py [--num_images 400] [--repeats 3] \\
+      [--out docs/BENCHMARKS_input.md]  (rewrites the table, keeps the notes)
 
 Generates ImageNet-like JPEGs (sides 200-550 px, ~400x350 average, photo-like
 smooth content plus noise), then times, in one run, images/s through tf.data
@@ -16,7 +17,8 @@ smooth content plus noise), then times, in one run, images/s through tf.data
                        a host without an accelerator pays)
   full train pipeline  input_pipeline.train_dataset on a folder of the files
                        (file reads, per-batch decode with skip-and-count)
-  pre-resized 256      on copies stored as 256x256 JPEGs (the paper's trick)
+  pre-resized 256      on copies stored as 256x256 JPEGs (the paper's trick;
+                       made as alexnet_jax/prepare.py does)
 
 Each stage is timed `--repeats` times, interleaved with the others, and the
 best pass is kept; rates are given per wall-clock second and per CPU second
@@ -177,8 +179,15 @@ def main():
   text = '\n'.join(head + lines) + '\n'
   print(text)
   if args.out:
+    # Replaces the figures at the top of the file, keeping the notes below.
+    notes = ''
+    if os.path.exists(args.out):
+      with open(args.out) as f:
+        old = f.read()
+      if '\nHow to read it:' in old:
+        notes = '\n' + old[old.index('How to read it:'):]
     with open(args.out, 'w') as f:
-      f.write(text)
+      f.write('# Input pipeline throughput\n\n' + text + notes)
 
 
 if __name__ == '__main__':

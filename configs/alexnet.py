@@ -133,6 +133,9 @@ def get_config(variant: str = ''):
   # JPEG IDCT for train decoding: '' (libjpeg default), 'INTEGER_FAST'
   # (faster, slightly less accurate) or 'INTEGER_ACCURATE'.
   d.train_dct_method = ''
+  # A pre-resized copy (the paper's trick) written by `python -m
+  # alexnet_jax.prepare --config=... --out=DIR`; '' reads the dataset itself.
+  d.prepared_dir = ''
   # Records are shuffled inside fixed windows of this many (after permuting
   # the shards each epoch), so a restart can jump to any step cheaply.
   d.shuffle_buffer = 10_000
