@@ -33,7 +33,7 @@ def _flags(overrides):
 def test_two_processes_match_one_process(data_dir, tmp_path):
   overrides = {'data.data_dir': data_dir, 'total_steps': 4,
                'mesh.data_axis_size': 2, 'mesh.tower_axis_size': 2,
-               'checkpoint.every_steps': 2, 'eval.every_steps': 2}
+               'checkpoint.every_steps': 2, 'eval.every_steps': 0}
   config = th.tiny_config(**overrides)
   # launch.py takes the demo config plus the tiny overrides as flags.
   tiny = {'data.data_dir': data_dir, 'total_steps': 4,
@@ -43,7 +43,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
           'model.fc_features': config.model.fc_features,
           'batch_size': config.batch_size,
           'schedule.kind': 'constant', 'log_every_steps': 1,
-          'eval.every_epochs': 0.0, 'eval.every_steps': 2,
+          'eval.every_epochs': 0.0, 'eval.every_steps': 0,
           'checkpoint.every_epochs': 0.0, 'checkpoint.every_steps': 2,
           'data.prefetch': 1, 'data.num_parallel_calls': 2}
   tiny.update({f'data.{k}': v for k, v in th.TINY_DATA.items()
@@ -58,13 +58,12 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
        f'--config.data.demo_image_size=({lo},{hi})'] + _flags(tiny),
       cwd=th.REPO, env=th.subprocess_env(2), stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  single = str(tmp_path / 'single')  # At the same time.
+  proc = th.start(single, overrides, emulate_processes=2, num_devices=4)
   outs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
   assert 'JAX process 1 of 2' in outs[1]
-
-  single = str(tmp_path / 'single')
-  proc = th.start(single, overrides, emulate_processes=2, num_devices=4)
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
 

@@ -51,7 +51,7 @@ def test_step_schedule_and_warmup():
 
 def test_train_and_evaluate_end_to_end(data_dir, tmp_path):
   workdir = str(tmp_path)
-  config = th.tiny_config(data_dir)
+  config = th.tiny_config(data_dir, **{'mesh.data_axis_size': -1})  # (4, 2)
   state, val = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 6
   assert val['count'] == 4 * 6  # Every validation image, once.
@@ -72,7 +72,8 @@ def test_divergence_names_the_step_and_keeps_last_good(data_dir, tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(
       th.tiny_config(data_dir, total_steps=3,
-                     **{'checkpoint.every_steps': 1}), workdir)
+                     **{'checkpoint.every_steps': 1,
+                        'eval.every_steps': 0}), workdir)
   # Resume with an absurd learning rate: the first update overflows.
   config = th.tiny_config(data_dir, total_steps=8,
                           **{'checkpoint.every_steps': 1,
