@@ -1,0 +1,380 @@
+"""Evaluation of finished runs: centre crop, 10 crops, ensembles (§4.1, §6).
+
+  results = evaluate_runs(['/tmp/run1', '/tmp/run2'], checkpoint='best',
+                          crops=('center', 'ten'))
+
+Each run (a workdir written by `train.train_and_evaluate`) is rebuilt from
+its config.json, restored from its latest, best or a given checkpoint onto
+any mesh, and run over the whole validation set, every image once:
+
+- 'center': the central crop_size x crop_size patch of the resize_size image;
+- 'ten': the paper's ten patches, four corners and centre plus their
+  horizontal reflections, "averaging the predictions made by the network's
+  softmax layer on the ten patches" (§4.1).
+
+An ensemble (several workdirs) averages its members' softmax outputs per
+image, as the paper's 5 and 7 CNNs (§6): the members must score the same
+images in the same order, which `predict` makes a fixed order (the eval
+iterator's, a function of the data config) and `evaluate_runs` checks by
+comparing the label sequences.
+
+Results: `write_results` puts eval_results.json in the (first) workdir and
+`results_table` a markdown table next to the paper's numbers. The command
+line is evaluate.py at the repository root.
+"""
+
+import copy
+import functools
+import json
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from alexnet_jax import checkpoint as checkpoint_lib
+from alexnet_jax import input_pipeline
+from alexnet_jax import mesh as mesh_lib
+from alexnet_jax import model as model_lib
+from alexnet_jax import optimizer as optimizer_lib
+from alexnet_jax import train_step as train_step_lib
+
+CROPS = ('center', 'ten')
+CROP_NAMES = {'center': 'centre crop', 'ten': '10 crops'}
+RESULTS_FILE = 'eval_results.json'
+CHECKPOINTS = ('latest', 'best')  # Or a step number.
+
+# ILSVRC-2012 validation error, PAPER.md "Results to compare against" (the
+# paper's Table 2 and §6; cuda-convnet2 for the centre crop, PAPER.md §4.1).
+# (model, top-1 error, top-5 error).
+PAPER_RESULTS = (
+    ('paper, 1 CNN (10-crop)', 0.407, 0.182),
+    ('paper, 5 CNNs averaged', 0.381, 0.164),
+    ('paper, 7 CNNs, 2 pre-trained on ImageNet Fall 2011', 0.367, 0.154),
+    ('cuda-convnet2, 1 CNN, centre crop (top-1 only)', 0.425, None),
+    ('torchvision alexnet (single tower, no LRN), centre crop', 0.4348,
+     0.2093),
+    ('Caffe bvlc_alexnet, centre 227 crop', 0.429, 0.198),
+)
+
+
+# ------------------------------------------------------------------- runs
+def _tuples(node):
+  """JSON lists back to the config's tuples (ConfigDict keeps dicts)."""
+  if isinstance(node, dict):
+    return {k: _tuples(v) for k, v in node.items()}
+  if isinstance(node, list):
+    return tuple(_tuples(v) for v in node)
+  return node
+
+
+def _fill_missing(config, defaults, path=''):
+  """Adds fields newer than the run (from `defaults`) to `config`."""
+  added = []
+  for key, value in defaults.items():
+    if key not in config:
+      config[key] = copy.deepcopy(value)
+      added.append(path + key)
+    elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+        config[key], ml_collections.ConfigDict):
+      added += _fill_missing(config[key], value, f'{path}{key}.')
+  return added
+
+
+def load_config(workdir: str, overrides: Optional[Dict[str, Any]] = None
+                ) -> ml_collections.ConfigDict:
+  """The run's config.json as a ConfigDict, with dotted `overrides`.
+
+  Fields the run predates take configs/alexnet.py's defaults (logged).
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{path} does not exist: --workdir must be the directory a training '
+        'run wrote (python launch.py --config=... --workdir=DIR writes '
+        'DIR/config.json and DIR/checkpoints/).')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(_tuples(json.load(f)))
+  from configs import alexnet  # pylint: disable=g-import-not-at-top
+  added = _fill_missing(config, alexnet.get_config())
+  if added:
+    logging.info('%s predates config fields %s: using their defaults.',
+                 workdir, ', '.join(added))
+  if overrides:
+    config.update_from_flattened_dict(dict(overrides))
+  return config
+
+
+def val_errors(workdir: str) -> Dict[int, float]:
+  """{step: validation top-1 error} from the run's metrics.jsonl (the last
+  record of a step wins, as a resumed run logs some steps again)."""
+  errors = {}
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        if record.get('split') == 'val' and 'top1_error' in record:
+          errors[int(record['step'])] = float(record['top1_error'])
+  return errors
+
+
+def checkpoint_step(manager, which: str = 'latest',
+                    errors: Optional[Dict[int, float]] = None) -> int:
+  """The step of checkpoint `which`: 'latest', 'best' or a step number.
+
+  'best': the lowest validation top-1 error measured at a kept checkpoint's
+  step, from the metrics saved with it or else `errors` ({step: error}, e.g.
+  `val_errors(workdir)`).
+  """
+  steps = list(manager.all_steps())
+  where = str(manager.directory)
+  if not steps:
+    raise FileNotFoundError(
+        f'No checkpoint in {where}: the run saved none yet (train first, or '
+        'check --workdir).')
+  which = str(which)
+  if which == 'latest':
+    return max(steps)
+  if which == 'best':
+    scored = {}
+    for s in steps:
+      saved = manager.metrics(s) or {}
+      if checkpoint_lib.VAL_ERROR in saved:
+        scored[s] = float(saved[checkpoint_lib.VAL_ERROR])
+      elif errors and s in errors:
+        scored[s] = errors[s]
+    if not scored:
+      raise ValueError(
+          f'No checkpoint in {where} has a validation error measured at its '
+          f'step (steps {steps}), so none is "best": use '
+          '--checkpoint=latest or a step number.')
+    return min(scored, key=lambda s: (scored[s], -s))  # Ties: the later.
+  if not which.isdigit():
+    raise ValueError(f'--checkpoint={which!r}: use latest, best or a step '
+                     f'number ({steps} in {where}).')
+  if int(which) not in steps:
+    raise FileNotFoundError(
+        f'No checkpoint of step {which} in {where}; it holds steps {steps}.')
+  return int(which)
+
+
+def make_mesh(config, mesh_shape: Optional[Tuple[int, int]] = None):
+  """(data, tower) mesh for evaluation: `mesh_shape` or every device."""
+  if mesh_shape is None:
+    return mesh_lib.make_mesh(config.model.num_towers)
+  data, tower = mesh_shape
+  return mesh_lib.make_mesh(config.model.num_towers, tower, data)
+
+
+def restore_params(config, workdir: str, mesh, checkpoint: str = 'latest'
+                   ) -> Tuple[Any, Any, int]:
+  """(model, params, step) of a run's checkpoint, placed on `mesh`."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+        f'No checkpoints/ in {workdir}: the run saved no checkpoint (train '
+        'it first, or check --workdir).')
+  model = model_lib.create_model(config.model)
+  tx = optimizer_lib.create_optimizer(config.optim)
+  abstract_state = jax.eval_shape(functools.partial(
+      train_step_lib.create_train_state, model, tx, mesh,
+      jax.random.PRNGKey(config.seed), config.data.crop_size))
+  manager = checkpoint_lib.create_manager(directory, config.checkpoint)
+  try:
+    step = checkpoint_step(manager, checkpoint, val_errors(workdir))
+    state, _ = checkpoint_lib.restore(manager, abstract_state, mesh, step)
+  finally:
+    manager.close()
+  return model, state.params, step
+
+
+# ------------------------------------------------------------ predictions
+def make_predict_step(model, mesh, params):
+  """`predict_step(params, images) -> log_probs` (B, classes), on the mesh.
+
+  images (B, H, W, 3): the log-softmax of each image; (B, V, H, W, 3): the
+  log of the softmax averaged over the V views (§4.1), as eval_step.
+  """
+  apply = mesh_lib.sharded_apply(model, mesh)
+  by_data = mesh_lib.data_sharding(mesh)
+
+  @functools.partial(jax.jit, out_shardings=by_data,
+                     in_shardings=(mesh_lib.param_shardings(mesh, params),
+                                   by_data))
+  def predict_step(params, images):
+    if images.ndim == 5:  # Example-major views: shards keep whole examples.
+      b, v = images.shape[:2]
+      logits = apply(params, images.reshape((b * v,) + images.shape[2:]))
+      log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+      return (jax.nn.logsumexp(log_probs.reshape(b, v, -1), axis=1) -
+              jnp.log(float(v)))
+    return jax.nn.log_softmax(apply(params, images).astype(jnp.float32))
+
+  return predict_step
+
+
+def _to_host(x) -> np.ndarray:
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def predict(predict_step, params, batches) -> Tuple[np.ndarray, np.ndarray]:
+  """(log_probs (N, classes) float32, labels (N,)) of every real example of
+  `batches` (padding, mask 0, dropped), in the batches' order."""
+  log_probs, labels = [], []
+  for batch in batches:
+    out = _to_host(predict_step(params, batch['images']))
+    real = _to_host(batch['mask']) > 0
+    log_probs.append(out[real])
+    labels.append(_to_host(batch['labels'])[real])
+  if not log_probs:
+    raise ValueError('The validation split is empty.')
+  return np.concatenate(log_probs), np.concatenate(labels)
+
+
+def predict_run(config, workdir: str, mesh, checkpoint: str = 'latest',
+                crops: Sequence[str] = CROPS) -> Dict[str, Any]:
+  """{'step': int, crop: (log_probs, labels) for each crop mode} of a run."""
+  model, params, step = restore_params(config, workdir, mesh, checkpoint)
+  predict_step = make_predict_step(model, mesh, params)
+  out = {'step': step}
+  for crop in crops:
+    batches = input_pipeline.eval_iterator(config, mesh,
+                                           ten_crop=crop == 'ten')
+    out[crop] = predict(predict_step, params, batches)
+  return out
+
+
+# ---------------------------------------------------------------- metrics
+def metrics(probs: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
+  """Loss and top-1/top-5 error of (averaged) softmax outputs `probs`.
+
+  Ranks as eval_step: an image counts as top-k correct when fewer than k
+  classes score strictly higher than its label (k <= number of classes).
+  """
+  p_label = np.take_along_axis(probs, labels[:, None], axis=-1)
+  rank = (probs > p_label).sum(axis=-1)
+  k5 = min(5, probs.shape[-1])
+  with np.errstate(divide='ignore'):
+    loss = -np.log(p_label[:, 0])
+  return {'loss': float(loss.mean()),
+          'top1_error': float((rank >= 1).mean()),
+          'top5_error': float((rank >= k5).mean()),
+          'count': int(labels.shape[0])}
+
+
+def check_same_examples(labels: np.ndarray, reference: np.ndarray,
+                        workdir: str, first: str, crop: str) -> None:
+  """Ensemble members must score the same images in the same order."""
+  if labels.shape != reference.shape or not np.array_equal(labels,
+                                                           reference):
+    raise ValueError(
+        f'{workdir} and {first} do not evaluate the same validation images '
+        f'in the same order ({crop}: {labels.shape[0]} vs '
+        f'{reference.shape[0]} images, or different labels): ensemble '
+        'members need the same validation data; point them at the same data '
+        'with --config.data.* overrides (e.g. --config.data.data_dir=...), '
+        'or evaluate them separately.')
+
+
+def evaluate_runs(workdirs: Sequence[str], checkpoint: str = 'latest',
+                  crops: Sequence[str] = CROPS,
+                  mesh_shape: Optional[Tuple[int, int]] = None,
+                  overrides: Optional[Dict[str, Any]] = None
+                  ) -> Dict[str, Any]:
+  """Each run and, for several, their ensemble (softmax averaged per image).
+
+  Returns {'checkpoint', 'crops', 'members': [{'workdir', 'step', 'mesh',
+  crop: metrics}], 'ensemble': {'size', crop: metrics} (2+ members only)};
+  metrics as `metrics`.
+  """
+  if not workdirs:
+    raise ValueError('Give at least one --workdir.')
+  unknown = [c for c in crops if c not in CROPS]
+  if unknown or not crops:
+    raise ValueError(f'--crops={",".join(crops)}: choose from '
+                     f'{",".join(CROPS)}.')
+  configs = [load_config(w, overrides) for w in workdirs]
+  classes = {w: c.model.num_classes for w, c in zip(workdirs, configs)}
+  if len(set(classes.values())) > 1:
+    raise ValueError(
+        'Ensemble members must have the same number of classes; '
+        f'model.num_classes is {classes}. Evaluate them separately.')
+
+  results = {'checkpoint': str(checkpoint), 'crops': list(crops),
+             'members': []}
+  sums, reference = {}, {}  # Per crop: sum of probabilities, labels.
+  for workdir, config in zip(workdirs, configs):
+    mesh = make_mesh(config, mesh_shape)
+    run = predict_run(config, workdir, mesh, checkpoint, crops)
+    member = {'workdir': os.path.abspath(workdir), 'step': run['step'],
+              'mesh': [int(mesh.shape[mesh_lib.DATA]),
+                       int(mesh.shape[mesh_lib.TOWER])]}
+    for crop in crops:
+      log_probs, labels = run[crop]
+      if crop in reference:
+        check_same_examples(labels, reference[crop], workdir, workdirs[0],
+                            crop)
+      else:
+        reference[crop] = labels
+      # float64: a sum of n equal members divided by n is the member, exactly.
+      probs = np.exp(log_probs.astype(np.float64))
+      sums[crop] = probs if crop not in sums else sums[crop] + probs
+      member[crop] = metrics(probs, labels)
+      logging.info('%s (step %d), %s: top-1 error %.2f%%, top-5 error '
+                   '%.2f%%, loss %.4f (%d images).', workdir, run['step'],
+                   CROP_NAMES[crop], 100 * member[crop]['top1_error'],
+                   100 * member[crop]['top5_error'], member[crop]['loss'],
+                   member[crop]['count'])
+    results['members'].append(member)
+
+  if len(workdirs) > 1:
+    n = len(workdirs)
+    results['ensemble'] = {'size': n, **{
+        crop: metrics(sums[crop] / n, reference[crop]) for crop in crops}}
+  return results
+
+
+# ---------------------------------------------------------------- reports
+def write_results(results: Dict[str, Any], workdir: str) -> str:
+  """eval_results.json in `workdir` (process 0 only); returns its path."""
+  path = os.path.join(workdir, RESULTS_FILE)
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  return path
+
+
+def _pct(x) -> str:
+  return '' if x is None else f'{100 * x:.2f}%'
+
+
+def results_table(results: Dict[str, Any]) -> str:
+  """A markdown table: each member, the ensemble, then the paper's rows."""
+  rows = ['| model | checkpoint | crops | top-1 error | top-5 error | loss '
+          '| images |', '|---|---|---|---|---|---|---|']
+  members = results['members']
+  for i, m in enumerate(members):
+    name = f'run {i + 1}: {os.path.basename(m["workdir"].rstrip("/"))}'
+    for crop in results['crops']:
+      r = m[crop]
+      rows.append(f'| {name} | step {m["step"]} | {CROP_NAMES[crop]} | '
+                  f'{_pct(r["top1_error"])} | {_pct(r["top5_error"])} | '
+                  f'{r["loss"]:.4f} | {r["count"]} |')
+  if 'ensemble' in results:
+    e = results['ensemble']
+    for crop in results['crops']:
+      r = e[crop]
+      rows.append(f'| ensemble of {e["size"]} (softmax averaged) | '
+                  f'{results["checkpoint"]} | {CROP_NAMES[crop]} | '
+                  f'{_pct(r["top1_error"])} | {_pct(r["top5_error"])} | '
+                  f'{r["loss"]:.4f} | {r["count"]} |')
+  for name, top1, top5 in PAPER_RESULTS:
+    rows.append(f'| {name} | | | {_pct(top1)} | {_pct(top5)} | | 50000 |')
+  return '\n'.join(rows)
