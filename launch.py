@@ -9,9 +9,10 @@ is locked, so a misspelt field fails before anything runs. Running again in a
 workdir that holds checkpoints resumes from the latest.
 
 Many hosts: pass --coordinator_address=host:port --num_processes=N
---process_id=i on every host, or nothing on a cluster jax.distributed detects
-by itself (SLURM, Open MPI, Cloud TPU, Kubernetes); a single host needs
-nothing.
+--process_id=i on every host, or nothing on a cluster whose environment
+announces several processes (SLURM, Open MPI, multi-host Cloud TPU, see
+_CLUSTER_ENV): jax.distributed then detects the rest by itself. A single host
+needs nothing.
 """
 
 import os
