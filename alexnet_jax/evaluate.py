@@ -239,10 +239,19 @@ def predict(predict_step, params, batches) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def predict_run(config, workdir: str, mesh, checkpoint: str = 'latest',
-                crops: Sequence[str] = CROPS) -> Dict[str, Any]:
-  """{'step': int, crop: (log_probs, labels) for each crop mode} of a run."""
+                crops: Sequence[str] = CROPS,
+                compiled: Optional[Dict[Any, Any]] = None) -> Dict[str, Any]:
+  """{'step': int, crop: (log_probs, labels) for each crop mode} of a run.
+
+  compiled: a dict shared between runs so members with the same model and
+  mesh (the paper's 5 CNNs) share one compiled predict_step.
+  """
   model, params, step = restore_params(config, workdir, mesh, checkpoint)
-  predict_step = make_predict_step(model, mesh, params)
+  compiled = {} if compiled is None else compiled
+  key = (config.model.to_json(sort_keys=True), mesh)
+  if key not in compiled:
+    compiled[key] = make_predict_step(model, mesh, params)
+  predict_step = compiled[key]
   out = {'step': step}
   for crop in crops:
     batches = input_pipeline.eval_iterator(config, mesh,
@@ -286,13 +295,14 @@ def check_same_examples(labels: np.ndarray, reference: np.ndarray,
 def evaluate_runs(workdirs: Sequence[str], checkpoint: str = 'latest',
                   crops: Sequence[str] = CROPS,
                   mesh_shape: Optional[Tuple[int, int]] = None,
-                  overrides: Optional[Dict[str, Any]] = None
-                  ) -> Dict[str, Any]:
+                  overrides: Optional[Dict[str, Any]] = None,
+                  keep_predictions: bool = False) -> Dict[str, Any]:
   """Each run and, for several, their ensemble (softmax averaged per image).
 
   Returns {'checkpoint', 'crops', 'members': [{'workdir', 'step', 'mesh',
   crop: metrics}], 'ensemble': {'size', crop: metrics} (2+ members only)};
-  metrics as `metrics`.
+  metrics as `metrics`. keep_predictions adds 'predictions': per member,
+  {crop: (log_probs, labels)} (not written by `write_results`).
   """
   if not workdirs:
     raise ValueError('Give at least one --workdir.')
@@ -310,9 +320,12 @@ def evaluate_runs(workdirs: Sequence[str], checkpoint: str = 'latest',
   results = {'checkpoint': str(checkpoint), 'crops': list(crops),
              'members': []}
   sums, reference = {}, {}  # Per crop: sum of probabilities, labels.
+  compiled, predictions = {}, []
   for workdir, config in zip(workdirs, configs):
     mesh = make_mesh(config, mesh_shape)
-    run = predict_run(config, workdir, mesh, checkpoint, crops)
+    run = predict_run(config, workdir, mesh, checkpoint, crops, compiled)
+    if keep_predictions:
+      predictions.append({crop: run[crop] for crop in crops})
     member = {'workdir': os.path.abspath(workdir), 'step': run['step'],
               'mesh': [int(mesh.shape[mesh_lib.DATA]),
                        int(mesh.shape[mesh_lib.TOWER])]}
@@ -338,6 +351,8 @@ def evaluate_runs(workdirs: Sequence[str], checkpoint: str = 'latest',
     n = len(workdirs)
     results['ensemble'] = {'size': n, **{
         crop: metrics(sums[crop] / n, reference[crop]) for crop in crops}}
+  if keep_predictions:
+    results['predictions'] = predictions
   return results
 
 
@@ -347,7 +362,8 @@ def write_results(results: Dict[str, Any], workdir: str) -> str:
   path = os.path.join(workdir, RESULTS_FILE)
   if jax.process_index() == 0:
     with open(path, 'w') as f:
-      json.dump(results, f, indent=2, sort_keys=True)
+      json.dump({k: v for k, v in results.items() if k != 'predictions'}, f,
+                indent=2, sort_keys=True)
   return path
 
 

@@ -71,8 +71,8 @@ def test_ten_crop_is_the_softmax_average_of_the_views():
                                        (b, v, 64, 64, 3))) * 60
   labels = np.arange(b) % config.model.num_classes
   host_params = jax.device_get(state.params)
-  logits = np.asarray(model.apply({'params': host_params},
-                                  views.reshape((b * v, 64, 64, 3))))
+  logits = np.asarray(jax.jit(model.apply)(
+      {'params': host_params}, views.reshape((b * v, 64, 64, 3))))
   hand = _softmax(logits.astype(np.float64)).reshape(b, v, -1).mean(axis=1)
 
   predict_step = evaluate.make_predict_step(model, mesh, state.params)
@@ -120,25 +120,23 @@ def test_ensemble_of_identical_members_is_the_member(runs):
 
 def test_ensemble_of_two_members_is_the_average_of_their_softmax(runs):
   a, b = runs
-  mesh = mesh_lib.make_mesh(2, 2, 1)
-  members = [evaluate.predict_run(evaluate.load_config(w), w, mesh,
-                                  crops=('center',)) for w in (a, b)]
-  assert [m['step'] for m in members] == [2, 1]
-  (lp_a, labels), (lp_b, labels_b) = members[0]['center'], members[1]['center']
+  results = evaluate.evaluate_runs([a, b], crops=('center',),
+                                   mesh_shape=(1, 2), keep_predictions=True)
+  assert [m['step'] for m in results['members']] == [2, 1]
+  (lp_a, labels), (lp_b, labels_b) = [p['center']
+                                      for p in results['predictions']]
   np.testing.assert_array_equal(labels, labels_b)
   assert not np.allclose(lp_a, lp_b)
   average = (np.exp(lp_a.astype(np.float64)) +
              np.exp(lp_b.astype(np.float64))) / 2
-
-  results = evaluate.evaluate_runs([a, b], crops=('center',),
-                                   mesh_shape=(1, 2))
   ours = results['ensemble']['center']
   hand = _hand_metrics(average, labels)
   assert ours['count'] == len(labels) == 24
   assert ours['top1_error'] == hand['top1_error']
   assert ours['top5_error'] == hand['top5_error']
   assert ours['loss'] == pytest.approx(hand['loss'], rel=1e-12)
-  assert [m['step'] for m in results['members']] == [2, 1]
+  assert results['members'][0]['center']['loss'] == pytest.approx(
+      _hand_metrics(np.exp(lp_a.astype(np.float64)), labels)['loss'])
 
 
 def test_command_line_end_to_end_writes_eval_results(runs, tmp_path):
