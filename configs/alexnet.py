@@ -18,7 +18,7 @@ crop vs 40.4% with 10 crops).
 
 Variants (``--config=configs/alexnet.py:VARIANT``):
   demo         the built-in generated data and a small network (configs/demo.py):
-               >= 90% validation top-1 in ~3 minutes on a 2-core CPU.
+               >= 90% validation top-1 in ~4 minutes on a 2-core CPU.
   no_lrn       ablation: no local response normalisation (§3.3).
   no_overlap   ablation: 2x2/2 pools instead of overlapping 3x3/2 (§3.4).
   one_tower    ablation: one tower with half the kernels per conv layer (§3.2).

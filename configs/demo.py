@@ -34,9 +34,9 @@ def apply(config):
   m.dropout_rate = 0.0
 
   config.batch_size = 64
-  config.num_epochs = 20
+  config.num_epochs = 24
   config.schedule.kind = 'steps'  # The plateau rule needs more evaluations.
-  config.schedule.boundaries_epochs = (15.0,)
+  config.schedule.boundaries_epochs = (18.0,)
   config.eval.every_epochs = 4.0
   config.checkpoint.every_epochs = 4.0
   config.log_every_steps = 40
