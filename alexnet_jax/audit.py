@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alexnet_jax import mesh as mesh_lib
-from alexnet_jax.model import CONV_LAYERS
+from alexnet_jax.model import conv_layer_names
 
 _KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute',
           'all-to-all')
@@ -119,7 +119,8 @@ def exchange_table(model, image_size: int):
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
   with nn.intercept_methods(record):
     jax.eval_shape(model.apply, params, image)
-  names = [l for l in CONV_LAYERS + ('fc6', 'fc7') if l in model.exchange]
+  names = [l for l in conv_layer_names(len(model.conv_features)) +
+           ('fc6', 'fc7') if l in model.exchange]
   t = model.num_towers
   rows = []
   for name, shape in zip(names, shapes):

@@ -22,10 +22,17 @@ from jax import lax
 
 from alexnet_jax.conv import conv
 
-CONV_LAYERS = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
-# conv1's kernel is 11x11 with stride 4, the others 5x5 then 3x3 (Figure 2).
-CONV_KERNEL = {'conv1': 11, 'conv2': 5, 'conv3': 3, 'conv4': 3, 'conv5': 3}
-CONV_STRIDE = {'conv1': 4, 'conv2': 1, 'conv3': 1, 'conv4': 1, 'conv5': 1}
+# conv1's kernel is 11x11 with stride 4, conv2's 5x5, the rest 3x3 at stride
+# 1 (Figure 2). A net of another depth (len(conv_features) != 5) keeps conv1
+# and conv2 and has len - 2 such 3x3 layers, the last one pooled.
+CONV_KERNEL = {'conv1': 11, 'conv2': 5}
+CONV_STRIDE = {'conv1': 4}
+
+
+def conv_layer_names(depth: int):
+  if depth < 3:
+    raise ValueError(f'conv_features needs at least 3 layers, got {depth}.')
+  return tuple(f'conv{i + 1}' for i in range(depth))
 # Dropout keys are folded with a per-layer constant so that masks are a pure
 # function of (rng, layer, tower, example) whatever the mesh.
 _DROPOUT_LAYER_ID = {'fc6': 6, 'fc7': 7}
@@ -200,10 +207,11 @@ class AlexNet(nn.Module):
     xs = [x] * l  # conv1 of every tower reads the whole image.
 
     # ------------------------------------------------- convolutional layers
-    for i, layer in enumerate(CONV_LAYERS):
+    names = conv_layer_names(len(self.conv_features))
+    for i, layer in enumerate(names):
       if layer in self.exchange:
         xs = [self._exchange(xs)] * l
-      size, stride = CONV_KERNEL[layer], CONV_STRIDE[layer]
+      size, stride = CONV_KERNEL.get(layer, 3), CONV_STRIDE.get(layer, 1)
       features = self._width(self.conv_features[i])
       kernel, bias = self._params(
           layer, (l, size, size, xs[0].shape[-1], features), (l, features))
@@ -221,7 +229,7 @@ class AlexNet(nn.Module):
             y = lrn(y, k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha,
                     beta=self.lrn_beta, alpha_over_n=self.lrn_alpha_over_n)
           y = self._pool(y)
-        elif layer == 'conv5':
+        elif layer == names[-1]:
           y = self._pool(y)
         ys.append(y)
       xs = ys

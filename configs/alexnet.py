@@ -23,6 +23,7 @@ Variants (``--config=configs/alexnet.py:VARIANT``):
   no_overlap   ablation: 2x2/2 pools instead of overlapping 3x3/2 (§3.4).
   one_tower    ablation: one tower with half the kernels per conv layer (§3.2).
   tanh         ablation: tanh instead of ReLU (§3.1).
+  deeper, shallower  one conv layer more (another conv4) or fewer (no conv4).
   no_exchange  the towers never exchange features (fc8 still sums them).
   exchange_all the towers exchange before every layer after conv1.
 Variants combine: --config=configs/alexnet.py:demo,no_lrn.
@@ -211,6 +212,13 @@ def apply_variant(config, variant):
       config.model.fc_features = 4096
     elif v == 'tanh':
       config.model.activation = 'tanh'  # §3.1, Figure 1.
+    elif v in ('deeper', 'shallower'):
+      # Depth +/- one conv layer (§1: "removing any convolutional layer
+      # resulted in inferior performance"): another 3x3 layer like conv4
+      # before conv5, or conv4 removed.
+      f = list(config.model.conv_features)
+      f = f[:4] + [f[3]] + f[4:] if v == 'deeper' else f[:3] + f[4:]
+      config.model.conv_features = tuple(f)
     elif v == 'no_exchange':
       # The towers never read each other's maps; only fc8 sums their logits.
       config.model.exchange = ()

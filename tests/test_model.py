@@ -76,6 +76,18 @@ def test_ablation_variants_build():
   for variant in ('no_lrn', 'no_overlap', 'tanh'):
     model = create_model(get_config(variant).model)
     assert count(param_shapes(model, 224)) == 60_965_224, variant
+  # Depth +/- one conv layer: another 3x3x192x192 layer per tower, or none.
+  extra = 2 * (3 * 3 * 192 * 192 + 192)
+  deeper = param_shapes(create_model(get_config('deeper').model), 224)
+  assert count(deeper) == 60_965_224 + extra
+  assert deeper['conv6']['kernel'].shape == (2, 3, 3, 192, 128)
+  shallower = param_shapes(create_model(get_config('shallower').model), 224)
+  assert count(shallower) == 60_965_224 - extra
+  assert 'conv5' not in shallower
+  # Towers that never exchange: conv3 and the fc layers read one tower.
+  alone = param_shapes(create_model(get_config('no_exchange').model), 224)
+  assert alone['conv3']['kernel'].shape == (2, 3, 3, 128, 192)
+  assert alone['fc6']['kernel'].shape == (2, 4608, 2048)
 
 
 def init_small(seed_rng, size=99, batch=8, **kw):
