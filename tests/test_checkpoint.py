@@ -2,6 +2,7 @@
 saves and exits 0; keep last N + best; restore onto another mesh."""
 
 import functools
+import json
 import os
 import signal
 
@@ -144,3 +145,28 @@ def test_restore_onto_another_mesh(data_dir, tmp_path):
       trained.params, batch)
   np.testing.assert_allclose(on_one['loss'], on_four['loss'], rtol=1e-5)
   assert float(on_one['top1_correct']) == float(on_four['top1_correct'])
+
+
+def test_best_is_stored_with_its_checkpoint_and_survives_a_resume(tmp_path):
+  """The validation error is written into the checkpoint (orbax does so only
+  with best_fn), so a new manager (a resumed run) still keeps the best."""
+  c = ml_collections.ConfigDict(dict(keep=2, keep_best=1, async_save=True))
+  manager = checkpoint_lib.create_manager(str(tmp_path), c)
+  for step, err in [(1, 0.5), (2, 0.2), (3, 0.4)]:
+    checkpoint_lib.save(manager, _tiny_state(step, step), {'s': step}, err)
+  manager.wait_until_finished()
+  manager.close()
+  with open(tmp_path / '2' / 'metrics' / 'metrics') as f:  # orbax's item.
+    assert json.load(f) == {checkpoint_lib.VAL_ERROR: 0.2}
+
+  resumed = checkpoint_lib.create_manager(str(tmp_path), c)
+  assert resumed.metrics(2) == {checkpoint_lib.VAL_ERROR: 0.2}
+  for step, err in [(4, None), (5, 0.3), (6, None)]:
+    checkpoint_lib.save(resumed, _tiny_state(step, step), {'s': step}, err)
+  resumed.wait_until_finished()
+  assert resumed.all_steps() == [2, 5, 6]
+  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  # 'best' reads the stored metric, not metrics.jsonl (here: none given).
+  assert evaluate.checkpoint_step(resumed, 'best') == 2
+  assert evaluate.checkpoint_step(resumed, 'best', {5: 0.1}) == 2
+  resumed.close()
