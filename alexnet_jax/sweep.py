@@ -1,0 +1,243 @@
+"""The paper's ablations as experiments: a sweep of config variants, one
+workdir each, run one after another (`python sweep.py --root=DIR`).
+
+Each variant is the demo (configs/demo.py: 10 generated classes, a quarter of
+the kernels) with one change the paper measured or a reader asks about (§3.1
+ReLU vs tanh, §3.2 two towers vs one, §3.3 LRN, §3.4 overlapping pooling,
+§4.1 PCA colour noise, §4.2 dropout, §7 depth, the towers' exchange), shortened
+by SHORT_RUN so the default sweep fits in ~20 minutes on a 2-core CPU.
+
+Workdirs: <root>/<variant> (seed 0) and <root>/<variant>_seed<k> for further
+seeds. Each holds what `train.train_and_evaluate` writes plus sweep.json
+(variant, seed, description, the paper's claim, train seconds, finished).
+Resumable: a finished workdir is skipped; an unfinished one resumes from its
+latest checkpoint (its config must equal the one the sweep builds now).
+`alexnet_jax/report.py` turns the workdirs into docs/ABLATIONS.md.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from absl import logging
+
+SWEEP_FILE = 'sweep.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One arm of the sweep: `configs/alexnet.py` variants plus overrides."""
+  config_variants: str  # For alexnet.get_config: 'demo,no_lrn'.
+  overrides: Tuple[Tuple[str, Any], ...] = ()  # (dotted field, value).
+  description: str = ''
+  paper: str = ''  # The paper's claim for this change, '' if it gives none.
+  # The paper's top-1 / top-5 error difference vs the full network, in
+  # percentage points (variant minus baseline), where it gives one.
+  paper_top1: Optional[float] = None
+  paper_top5: Optional[float] = None
+
+
+# Differences are "variant error minus baseline error": positive means the
+# change hurts, as the paper's ablations report.
+VARIANTS: Dict[str, Variant] = {
+    'baseline': Variant(
+        'demo', (), 'the demo network: ReLU, LRN, 3x3/2 pools, two towers '
+        'exchanging at conv3/fc6/fc7, PCA noise, no dropout (configs/demo.py)'),
+    'no_lrn': Variant(
+        'demo,no_lrn', (), 'no local response normalisation (§3.3)',
+        'LRN lowers top-1/top-5 error by 1.4/1.2 points (§3.3)', 1.4, 1.2),
+    'no_overlap': Variant(
+        'demo,no_overlap', (), '2x2/2 pools instead of overlapping 3x3/2 '
+        '(§3.4)', 'overlapping pools lower top-1/top-5 error by 0.4/0.3 '
+        'points (§3.4)', 0.4, 0.3),
+    'one_tower': Variant(
+        'demo,one_tower', (), 'one tower, half the conv kernels (conv5 and fc '
+        'whole) (§3.2)', 'two towers lower top-1/top-5 error by 1.7/1.2 '
+        'points vs one tower with half the kernels (§3.2)', 1.7, 1.2),
+    'tanh': Variant(
+        'demo,tanh', (), 'tanh instead of ReLU (§3.1)',
+        'ReLU reaches 25% training error 6x faster than tanh (4-layer CNN, '
+        'CIFAR-10, Figure 1)'),
+    # The demo turns dropout off (configs/demo.py: it only slows a net with
+    # 128 units per tower), so the pair is "dropout 0 (baseline) vs 0.5".
+    'dropout': Variant(
+        'demo', (('model.dropout_rate', 0.5),), 'dropout 0.5 in fc6 and fc7, '
+        "the paper's setting (the demo's baseline has none) (§4.2)",
+        'without dropout the net overfits substantially; dropout roughly '
+        'doubles the iterations to converge (§4.2)'),
+    'no_pca_noise': Variant(
+        'demo', (('data.pca_noise', False),), 'no PCA colour noise (§4.1)',
+        'PCA noise lowers top-1 error by over 1 point (§4.1)', 1.0),
+    'deeper': Variant(
+        'demo,deeper', (), 'one more 3x3 conv layer (another conv4) (§7)',
+        'none measured ("depth really is important", §7)'),
+    'shallower': Variant(
+        'demo,shallower', (), 'one conv layer fewer (no conv4) (§7)',
+        'removing a middle conv layer costs about 2 points of top-1 (§7)',
+        2.0),
+    'no_exchange': Variant(
+        'demo,no_exchange', (), 'the towers never exchange maps; fc8 sums '
+        'their logits (§3.2 communication)',
+        'none measured; the connectivity was "tuned by cross-validation" '
+        '(§3.2)'),
+}
+
+# Every variant's run length at CPU scale: the demo's 24 epochs (960 steps of
+# 64 images) cut to 10, lr / 10 after epoch 8; validation every 2 epochs;
+# training error logged 4 times an epoch for the Figure 1 measure.
+SHORT_RUN: Dict[str, Any] = {
+    'num_epochs': 10,
+    'schedule.boundaries_epochs': (8.0,),
+    'eval.every_epochs': 2.0,
+    'checkpoint.every_epochs': 5.0,
+    'log_every_steps': 10,
+}
+
+
+def set_field(config, name: str, value):
+  """config.<dotted name> = value; a misspelt name fails with the field list."""
+  *parents, leaf = name.split('.')
+  node = config
+  for p in parents:
+    if p not in node:
+      raise KeyError(f'No config field {name!r} ({p!r} is not one of '
+                     f'{sorted(node.keys())}).')
+    node = node[p]
+  if leaf not in node:
+    raise KeyError(f'No config field {name!r} ({leaf!r} is not one of '
+                   f'{sorted(node.keys())}).')
+  node[leaf] = tuple(value) if isinstance(value, list) else value
+
+
+def workdir_name(variant: str, seed_index: int) -> str:
+  return variant if seed_index == 0 else f'{variant}_seed{seed_index}'
+
+
+def variant_config(name: str, overrides: Mapping[str, Any] = (),
+                   seed_index: int = 0, short_run: Mapping[str, Any] = None):
+  """The config of variant `name`: its configs/alexnet.py variants, then
+  SHORT_RUN (or `short_run`), the sweep's shared `overrides`, the variant's
+  own overrides (they define it, so they win), and seed + seed_index."""
+  from configs import alexnet  # pylint: disable=g-import-not-at-top
+  if name not in VARIANTS:
+    raise ValueError(f'Unknown sweep variant {name!r}; valid: '
+                     f'{", ".join(VARIANTS)}.')
+  v = VARIANTS[name]
+  config = alexnet.get_config(v.config_variants)
+  shared = dict(SHORT_RUN if short_run is None else short_run)
+  shared.update(dict(overrides))
+  for field, value in shared.items():
+    set_field(config, field, value)
+  for field, value in v.overrides:
+    if field in shared and shared[field] != value:
+      logging.warning('Variant %s sets %s=%r over the shared override %r.',
+                      name, field, value, shared[field])
+    set_field(config, field, value)
+  config.seed = config.seed + seed_index
+  return config
+
+
+def read_sweep_file(workdir: str) -> Optional[Dict[str, Any]]:
+  path = os.path.join(workdir, SWEEP_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_sweep_file(workdir: str, record: Dict[str, Any]):
+  path = os.path.join(workdir, SWEEP_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  os.replace(path + '.tmp', path)
+
+
+def _check_same_config(config, workdir: str):
+  """An unfinished workdir resumes only the run the sweep would start now."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  new = json.loads(config.to_json_best_effort(indent=2, sort_keys=True))
+  if old != new:
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    raise ValueError(
+        f'{workdir} holds an unfinished run of another config (sections '
+        f'{changed} differ): resuming it would mix two runs. Use another '
+        '--root, delete that workdir, or rerun with the same overrides.')
+
+
+def run_variant(name: str, workdir: str, config, seed_index: int = 0
+                ) -> Dict[str, Any]:
+  """Trains one variant in `workdir` (skipped when finished); its record."""
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
+  record = read_sweep_file(workdir) or {}
+  if record.get('finished'):
+    logging.info('Sweep: %s is finished in %s (%.0f s); skipped.', name,
+                 workdir, record.get('train_seconds', 0.0))
+    return record
+  _check_same_config(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  v = VARIANTS[name]
+  record = {'variant': name, 'seed_index': seed_index, 'seed': config.seed,
+            'config_variants': v.config_variants,
+            'variant_overrides': dict(v.overrides),
+            'description': v.description, 'paper': v.paper,
+            'paper_top1': v.paper_top1, 'paper_top5': v.paper_top5,
+            'finished': False,
+            'train_seconds': record.get('train_seconds', 0.0)}
+  _write_sweep_file(workdir, record)
+  logging.info('Sweep: training %s (%s) in %s.', name, v.description, workdir)
+  t0 = time.time()
+  state, last_val = train.train_and_evaluate(config, workdir)
+  seconds = time.time() - t0
+  total_steps = (config.total_steps or
+                 config.num_epochs * input_pipeline.steps_per_epoch(config))
+  step = int(state.step)
+  record.update(train_seconds=record['train_seconds'] + seconds,
+                finished=step == total_steps, steps=step,
+                total_steps=total_steps,
+                val_top1_error=last_val.get('top1_error'),
+                val_top5_error=last_val.get('top5_error'))
+  _write_sweep_file(workdir, record)
+  logging.info('Sweep: %s took %.1f s (step %d of %d), validation top-1 '
+               'error %.2f%%.', name, seconds, step, total_steps,
+               100 * (last_val.get('top1_error') or float('nan')))
+  return record
+
+
+def run_sweep(root: str, variants: Sequence[str] = tuple(VARIANTS),
+              seeds: int = 1, overrides: Mapping[str, Any] = (),
+              short_run: Optional[Mapping[str, Any]] = None
+              ) -> List[Dict[str, Any]]:
+  """Runs `variants` x `seeds` one after another under `root`; their records.
+
+  overrides: {dotted field: value} applied to every variant (after
+  SHORT_RUN, or `short_run` when given).
+  """
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    raise ValueError(f'Unknown sweep variants {unknown}; valid: '
+                     f'{", ".join(VARIANTS)}.')
+  if seeds < 1:
+    raise ValueError(f'seeds={seeds}: run at least one seed.')
+  # Every config is built first, so a bad override fails before any run.
+  plan = [(name, k, variant_config(name, overrides, k, short_run))
+          for k in range(seeds) for name in variants]
+  records = []
+  t0 = time.time()
+  for name, k, config in plan:
+    workdir = os.path.join(root, workdir_name(name, k))
+    records.append({**run_variant(name, workdir, config, k),
+                    'workdir': workdir})
+  logging.info('Sweep of %d runs done in %.1f s:\n%s', len(records),
+               time.time() - t0, '\n'.join(
+                   f'  {os.path.basename(r["workdir"]):<20} '
+                   f'{r.get("train_seconds", 0):7.1f} s  val top-1 error '
+                   f'{100 * (r.get("val_top1_error") or float("nan")):.2f}%'
+                   for r in records))
+  return records
