@@ -18,8 +18,14 @@ Divergence. A non-finite loss or parameter norm raises DivergenceError naming
 the step; the state is never saved, so the last good checkpoint stays the
 latest.
 
+Fine-tuning. With `config.init_from` (another run's workdir) a new run
+starts from that run's parameters except fc8, which is initialised afresh
+for `config.model.num_classes`; fresh optimizer state, step 0.
+
 Outputs in the workdir: config.json, metrics.jsonl (one JSON line per
-logged step or evaluation), TensorBoard event files, checkpoints/.
+logged step or evaluation), TensorBoard event files, checkpoints/,
+communication.json (cross-tower bytes) and figures/*.png
+(alexnet_jax/run_outputs.py).
 """
 
 import functools
@@ -44,6 +50,7 @@ from alexnet_jax import input_pipeline
 from alexnet_jax import mesh as mesh_lib
 from alexnet_jax import model as model_lib
 from alexnet_jax import optimizer as optimizer_lib
+from alexnet_jax import run_outputs
 from alexnet_jax import schedules
 from alexnet_jax import train_step as train_step_lib
 
@@ -129,6 +136,56 @@ def evaluate(eval_step, params, batches) -> Dict[str, float]:
           'top1_error': 1.0 - float(sums['top1_correct']) / n,
           'top5_error': 1.0 - float(sums['top5_correct']) / n,
           'count': n}
+
+
+def _source_workdir(path: str) -> str:
+  """The run directory of `config.init_from` (a workdir or its checkpoints/)."""
+  path = os.path.normpath(path)
+  if os.path.basename(path) == 'checkpoints':
+    path = os.path.dirname(path)
+  if not os.path.isdir(os.path.join(path, 'checkpoints')):
+    raise FileNotFoundError(
+        f'--config.init_from={path!r} holds no checkpoints/: give the workdir '
+        'of a finished training run (or its checkpoints/ directory).')
+  return path
+
+
+def pretrained_params(config, params, mesh):
+  """`params` (a fresh initialisation) with every layer but fc8 taken from
+  the checkpoint `config.init_from_step` of the run `config.init_from`.
+
+  The source run's architecture must match in every layer but fc8 (whose
+  number of classes may differ); a clear error names the layers that differ.
+  """
+  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  workdir = _source_workdir(config.init_from)
+  source_config = evaluate.load_config(workdir)
+  source_model = model_lib.create_model(source_config.model)
+  size = config.data.crop_size
+  source_shapes = jax.eval_shape(
+      source_model.init, jax.random.PRNGKey(0),
+      jnp.zeros((1, size, size, 3)))['params']
+  shapes = lambda tree: {
+      jax.tree_util.keystr(path): tuple(x.shape)
+      for path, x in jax.tree_util.tree_leaves_with_path(tree)
+      if not jax.tree_util.keystr(path).startswith("['fc8']")}
+  want, have = shapes(params), shapes(source_shapes)
+  differ = [f'{k}: {have.get(k, "missing")} in the source, '
+            f'{want.get(k, "missing")} here'
+            for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+  if differ:
+    raise ValueError(
+        f'Cannot fine-tune from {workdir}: its network differs from this '
+        'one outside fc8 (only fc8 may change, for a new number of classes):'
+        '\n  ' + '\n  '.join(differ))
+  _, source, step = evaluate.restore_params(source_config, workdir, mesh,
+                                            str(config.init_from_step))
+  logging.info('Fine-tuning from %s, checkpoint of step %d: all layers but '
+               'fc8 (re-initialised for %d classes; the source had %d).',
+               workdir, step, config.model.num_classes,
+               source_config.model.num_classes)
+  return {layer: (params[layer] if layer == 'fc8' else source[layer])
+          for layer in params}
 
 
 class Preemption:
@@ -258,10 +315,15 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   if manager.latest_step() is not None:
     state, extra = checkpoint_lib.restore(manager, abstract_state, mesh)
     schedule.load_state_dict(extra['schedule'])
-    logging.info('Resumed from the checkpoint of step %d in %s.',
-                 int(state.step), manager.directory)
+    logging.info('Resumed from the checkpoint of step %d in %s%s.',
+                 int(state.step), manager.directory,
+                 ' (init_from is only read by a fresh run)'
+                 if config.get('init_from') else '')
   else:
     state = init()
+    if config.get('init_from'):
+      state = state.replace(params=pretrained_params(config, state.params,
+                                                     mesh))
   start_step = int(jax.device_get(state.step))
 
   # ----------------------------------------------------------------- update
@@ -269,6 +331,9 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   eval_step = train_step_lib.make_eval_step(model, mesh, state.params)
   train_iter = input_pipeline.train_iterator(config, mesh,
                                              start_step=start_step)
+
+  run_outputs.write_communication(config, workdir, model, mesh)
+  figures_on = config.get('figures') is not None and config.figures.enabled
 
   # ------------------------------------------------------------------ evals
   def run_eval(step):
@@ -280,6 +345,13 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
                  '%.2f%%, loss %.4f (%d images, %.1fs).', step,
                  100 * val['top1_error'], 100 * val['top5_error'],
                  val['loss'], val['count'], time.time() - t0)
+    if figures_on:  # Figure 3 and how colour-specific each tower is.
+      towers = run_outputs.kernel_figures(workdir, log.writer, step,
+                                          state.params)
+      log.write(step, 'specialisation', towers)
+      logging.info('conv1 colour specificity (mean per tower): %s.', ', '.join(
+          f'{k[:-5]} {v:.3f}' for k, v in towers.items()
+          if k.endswith('_mean')))
     return val
 
   # ------------------------------------------------------------------- loop
@@ -337,6 +409,14 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
           logging.warning('Preempted: checkpoint of step %d saved; stopping.',
                           step)
           break
+      else:
+        if figures_on and start_step < total_steps:
+          t0 = time.time()
+          run_outputs.final_figures(config, workdir, log.writer, total_steps,
+                                    model, mesh, state.params)
+          logging.info('Figures written to %s (%.1fs).',
+                       os.path.join(workdir, run_outputs.FIGURES),
+                       time.time() - t0)
   finally:  # In-flight saves complete, even on DivergenceError.
     manager.wait_until_finished()
     manager.close()

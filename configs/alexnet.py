@@ -75,6 +75,9 @@ def get_config(variant: str = ''):
   m.init_stddev = 0.01
   m.init_bias_one = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
   m.dtype = 'float32'  # Activations/matmuls; 'bfloat16' for mixed precision.
+  # Convolution weight gradients: 'auto' ('rows' on CPU, XLA's own on GPU/TPU;
+  # speed only, alexnet_jax/conv.py), 'rows' or 'xla'.
+  m.conv_kernel_grad = 'auto'
 
   # ----------------------------------------------------------------- mesh
   # ('data', 'tower') device mesh. -1: the tower axis takes num_towers devices
@@ -98,6 +101,13 @@ def get_config(variant: str = ''):
   # ---------------------------------------------------------- training
   config.batch_size = 128  # "batch size of 128 examples" (§5).
   config.num_epochs = 90  # "roughly 90 cycles through the training set" (§5).
+  # Fine-tuning (the pre-trained models marked * in Table 2): another run's
+  # workdir (or its checkpoints/ directory) and which checkpoint ('latest',
+  # 'best' or a step number). Every layer but fc8 starts from it; fc8 is
+  # initialised afresh for model.num_classes, the optimizer state is fresh
+  # and the step is 0. Ignored once this workdir holds its own checkpoints.
+  config.init_from = ''
+  config.init_from_step = 'latest'
 
   # ----------------------------------------------------------------- data
   d = config.data = ml_collections.ConfigDict()
@@ -193,6 +203,19 @@ def get_config(variant: str = ''):
   # ----------------------------------------------------------------- logs
   config.log_every_steps = 100  # Progress line and TensorBoard scalars.
 
+  # -------------------------------------------------------------- figures
+  # PNGs in <workdir>/figures/ and images in TensorBoard (alexnet_jax/
+  # run_outputs.py): conv1 kernels (Figure 3) and tower specialisation at
+  # each evaluation; top-5 guesses (Figure 4 left) and training curves at the
+  # end, and the nearest neighbours (Figure 4 right) if `nearest_neighbours`:
+  # one more pass over the whole training split (about an hour on ImageNet,
+  # hence off here; the demo turns it on).
+  f = config.figures = ml_collections.ConfigDict()
+  f.enabled = True
+  f.num_images = 6  # Validation images in top5.png / nearest_neighbours.png.
+  f.nearest_neighbours = False
+  f.num_neighbours = 6
+
   if variant:
     apply_variant(config, variant)
   return config
@@ -230,5 +253,6 @@ def apply_variant(config, variant):
     elif v == 'demo':
       from configs import demo  # pylint: disable=g-import-not-at-top
       demo.apply(config)
+      config.figures.nearest_neighbours = True  # A few seconds here.
     else:
       raise ValueError(f'Unknown config variant {v!r}.')

@@ -46,6 +46,7 @@ def tiny_config(data_dir=None, **overrides):
   config.checkpoint.every_epochs = 0.0
   config.checkpoint.every_steps = 2
   config.log_every_steps = 1
+  config.figures.enabled = False  # tests/test_run_outputs.py turns them on.
   for name, value in overrides.items():
     *parents, leaf = name.split('.')
     node = config
@@ -59,6 +60,14 @@ def prepare_data(data_dir):
   """Generates and builds the tiny demo data once per data_dir."""
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   input_pipeline.demo_builder(tiny_config(data_dir))
+  return data_dir
+
+
+def prepare_data_with(data_dir, overrides):
+  """Generates and builds the tiny demo data with dotted `overrides`
+  (e.g. {'data.demo_num_classes': 3})."""
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  input_pipeline.demo_builder(tiny_config(data_dir, **overrides))
   return data_dir
 
 
