@@ -3,7 +3,7 @@
 XLA:CPU computes the weight gradient of a convolution (a correlation of the
 layer's input with its output gradient, contracted over batch and space) at
 a fraction of its forward speed: ~8 GFLOP/s for AlexNet's conv2 against ~60
-forward (docs/BENCHMARKS.md). `conv(..., kernel_grad='rows')` computes it as
+forward, 5x5 at stride 1 (docs/BENCHMARKS.md). `conv(..., kernel_grad='rows')` computes it as
 one matmul per kernel row instead: the input's strided windows for that row,
 stacked, contracted with the output gradient over (batch, h, w). The input
 gradient and the forward pass stay XLA's own.
@@ -27,12 +27,17 @@ def conv(x, kernel, stride: int, padding, kernel_grad: str = 'auto'):
   """Convolution; `padding` is ((top, bottom), (left, right)).
 
   kernel_grad: 'xla' (XLA's own gradient), 'rows' (one matmul per kernel
-  row), or 'auto' ('rows' on CPU, 'xla' on GPU/TPU, whose convolution
-  libraries are fast at it).
+  row), or 'auto' ('rows' on CPU for the layers where it was measured
+  faster, 'xla' elsewhere and on GPU/TPU, whose convolution libraries are
+  fast at it).
   """
   padding = tuple(tuple(p) for p in padding)
   if kernel_grad == 'auto':
-    kernel_grad = 'rows' if jax.default_backend() == 'cpu' else 'xla'
+    # Where XLA:CPU was measured slow: conv2's 5x5 stride-1 kernels (2x);
+    # for 11x11/4 and 3x3 its own gradient is as fast or faster.
+    on_cpu = jax.default_backend() == 'cpu'
+    rows = on_cpu and stride == 1 and kernel.shape[0] >= 5
+    kernel_grad = 'rows' if rows else 'xla'
   if kernel_grad == 'xla':
     return _xla_conv(x, kernel, stride, padding)
   if kernel_grad == 'rows':

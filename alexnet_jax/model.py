@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from alexnet_jax.conv import conv
+from alexnet_jax.pool import max_pool
 
 # conv1's kernel is 11x11 with stride 4, conv2's 5x5, the rest 3x3 at stride
 # 1 (Figure 2). A net of another depth (len(conv_features) != 5) keeps conv1
@@ -169,8 +170,7 @@ class AlexNet(nn.Module):
                      f"{self.activation!r}.")
 
   def _pool(self, x):
-    w, s = self.pool_window, self.pool_stride
-    return nn.max_pool(x, (w, w), strides=(s, s), padding='VALID')
+    return max_pool(x, self.pool_window, self.pool_stride)
 
   def _tower_index(self, local):
     """Global index of local tower `local` on this device."""

@@ -92,7 +92,11 @@ def test_ablation_variants_build():
 
 def init_small(seed_rng, size=99, batch=8, **kw):
   # 99 pixels: 23x23 conv1 maps, 2x2 pool5 maps, so the fc6 flatten order
-  # matters.
+  # matters. The paper's N(0, s) init with s=0.05 for this thin net: O(1)
+  # logits and no vanishing gradients, where float32 agrees with the float64
+  # reference to < 1e-6 (s=0.01 vanishes here; he init on 0-255 inputs
+  # saturates the softmax and drifts to ~5e-6).
+  kw = {'init_stddev': 0.05, **kw}
   model = AlexNet(**{**SMALL, **kw})
   key = jax.random.PRNGKey(int(seed_rng.integers(2**31)))
   params = model.init(key, jnp.zeros((1, size, size, 3)))['params']
@@ -137,7 +141,7 @@ def test_sharded_equals_reference(shape):
   of the towers-on-a-mesh model equal the single-device grouped-convolution
   network's, on fresh random inputs."""
   seed, rng = fresh_rng()
-  model, params, images, labels = init_small(rng, init_scheme='he')
+  model, params, images, labels = init_small(rng)
   mesh = mesh_lib.make_mesh(2, shape[1], shape[0])
   apply = mesh_lib.sharded_apply(model, mesh)
   dropout_rng = jax.random.PRNGKey(seed)
@@ -185,7 +189,7 @@ def test_full_size_network_equals_reference():
 def test_lrn_alpha_over_n_switch():
   seed, rng = fresh_rng()
   model, params, images, _ = init_small(rng, lrn_alpha_over_n=True,
-                                        lrn_alpha=0.5, init_scheme='he')
+                                        lrn_alpha=0.5)
   got = model.apply({'params': params}, images)
   want = reference_forward(model, params, images)
   assert rel_err(got, want) <= 1e-5, seed
@@ -212,7 +216,7 @@ def test_dropout_differs_across_data_shards_and_is_off_in_eval():
   """A batch of one image repeated: with dropout every example (on every data
   shard) gets its own masks; without it they all agree."""
   _, rng = fresh_rng()
-  model, params, images, _ = init_small(rng, batch=8, init_scheme='he')
+  model, params, images, _ = init_small(rng, batch=8)
   images = jnp.broadcast_to(images[:1], images.shape)
   mesh = mesh_lib.make_mesh(2, 2, 4)
   sharded = jax.device_put(params, mesh_lib.param_shardings(mesh, params))
