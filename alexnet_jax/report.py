@@ -123,6 +123,7 @@ def run_summary(workdir: str, with_checkpoint: bool = True) -> Dict[str, Any]:
       'train_seconds': record.get('train_seconds'),
       'final_step': final_step,
       'epochs': final_step / steps_per_epoch(history),
+      'num_classes': config.model.num_classes,
       'val_top1_error': final['top1_error'],
       'val_top5_error': final['top5_error'],
       'epochs_to_25': epochs_to_error(train_error_by_epoch(history)),
@@ -183,6 +184,7 @@ def aggregate(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         'finished': all(r['finished'] for r in runs),
         'description': first['description'], 'paper': first['paper'],
         'paper_top1': first['paper_top1'], 'paper_top5': first['paper_top5'],
+        'num_classes': first['num_classes'],
         'val_top1_error': _mean([r['val_top1_error'] for r in runs]),
         'val_top5_error': _mean([r['val_top5_error'] for r in runs]),
         'val_top1_std': float(np.std([r['val_top1_error'] for r in runs])),
@@ -228,6 +230,8 @@ def table_markdown(aggregated: Sequence[Dict[str, Any]]) -> str:
   lines = [header, '|' + '---|' * header.count(' | ') + '---|']
   for a in aggregated:
     name = a['variant'] + ('' if a['finished'] else ' (unfinished)')
+    if a['val_top1_error'] >= 1 - 1 / a['num_classes'] - 0.02:
+      name += ' (at chance)'
     if a['seeds'] > 1:
       name += f' ({a["seeds"]} seeds, top-1 sd {_pct(a["val_top1_std"])})'
     diff = ('-' if a['variant'] == BASELINE or a['diff_top1'] is None else
@@ -314,9 +318,10 @@ crops) trained for about {epochs:g} epochs on 10 generated pattern classes
 (2,600 training, 500 validation images), with {seeds} seed(s) per variant.
 
 - It shows that every ablation runs end to end through the same training
-  code, how each change moves parameters, time and cross-tower traffic
-  (these columns are exact, not noisy), and the direction of large effects
-  at this scale.
+  code, how each change moves parameters and cross-tower traffic (exact
+  numbers), and the direction of large effects at this scale. Train times
+  are wall-clock seconds (start-up and compilation included) on a machine
+  other jobs may share: a rough guide only.
 - It does not show the paper's effects. On 500 validation images one image
   is 0.2 points; with one seed and short runs, differences of a few points
   are within run-to-run noise (a different seed or one more epoch can
@@ -325,6 +330,10 @@ crops) trained for about {epochs:g} epochs on 10 generated pattern classes
   6x is a 4-layer CNN on CIFAR-10. Effects that help a 60M-parameter net
   generalise (dropout, PCA noise, LRN) may hurt or do nothing on a tiny net
   that trains for {epochs:g} epochs on easy synthetic classes.
+- Runs this short stop before the error levels off (see the validation
+  curves below): the table ranks how fast each variant learns as much as how
+  well it ends up. A variant that learns slower at first (dropout, tanh, a
+  deeper net) looks worse here than it may be after 90 epochs.
 - "epochs to 25% training error" is measured on the logged training batches
   (augmented, with dropout where on), averaged over the last epoch.
 - Colour specificity is the share of a conv1 kernel's energy off the grey

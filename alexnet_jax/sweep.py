@@ -52,9 +52,14 @@ VARIANTS: Dict[str, Variant] = {
         'demo,no_overlap', (), '2x2/2 pools instead of overlapping 3x3/2 '
         '(§3.4)', 'overlapping pools lower top-1/top-5 error by 0.4/0.3 '
         'points (§3.4)', 0.4, 0.3),
+    # configs/alexnet.py's one_tower sets fc_features=4096, the paper's size,
+    # over the demo's 512 (128 units per tower at width 0.25): 4x the two
+    # towers' fc units. The paper keeps fc whole (footnote 2), so here one
+    # tower gets both towers' fc6/fc7 units: 2 x 512.
     'one_tower': Variant(
-        'demo,one_tower', (), 'one tower, half the conv kernels (conv5 and fc '
-        'whole) (§3.2)', 'two towers lower top-1/top-5 error by 1.7/1.2 '
+        'demo,one_tower', (('model.fc_features', 1024),),
+        'one tower, half the conv kernels (conv5 and fc6/fc7 whole: both '
+        "towers' units) (§3.2)", 'two towers lower top-1/top-5 error by 1.7/1.2 '
         'points vs one tower with half the kernels (§3.2)', 1.7, 1.2),
     'tanh': Variant(
         'demo,tanh', (), 'tanh instead of ReLU (§3.1)',
@@ -154,16 +159,21 @@ def _write_sweep_file(workdir: str, record: Dict[str, Any]):
   os.replace(path + '.tmp', path)
 
 
-def _check_same_config(config, workdir: str):
-  """An unfinished workdir resumes only the run the sweep would start now."""
+def _changed_sections(config, workdir: str) -> List[str]:
+  """Top-level config sections in which `workdir`'s run differs."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    return
+    return []
   with open(path) as f:
     old = json.load(f)
   new = json.loads(config.to_json_best_effort(indent=2, sort_keys=True))
-  if old != new:
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _check_same_config(config, workdir: str):
+  """An unfinished workdir resumes only the run the sweep would start now."""
+  changed = _changed_sections(config, workdir)
+  if changed:
     raise ValueError(
         f'{workdir} holds an unfinished run of another config (sections '
         f'{changed} differ): resuming it would mix two runs. Use another '
@@ -177,6 +187,12 @@ def run_variant(name: str, workdir: str, config, seed_index: int = 0
   from alexnet_jax import train  # pylint: disable=g-import-not-at-top
   record = read_sweep_file(workdir) or {}
   if record.get('finished'):
+    changed = _changed_sections(config, workdir)
+    if changed:
+      logging.warning('Sweep: the finished run in %s differs from the config '
+                      'the sweep builds now in %s (new fields or other '
+                      'overrides?); kept. Delete it to rerun.', workdir,
+                      changed)
     logging.info('Sweep: %s is finished in %s (%.0f s); skipped.', name,
                  workdir, record.get('train_seconds', 0.0))
     return record

@@ -92,7 +92,7 @@ def test_report_rows_match_the_workdirs(swept, tmp_path):
     stats = figures.tower_specialisation(params)
     assert a['colour_specificity'] == pytest.approx(
         {t: s['mean'] for t, s in stats.items()})
-    row = next(l for l in text.splitlines() if l.startswith(f'| {name} |'))
+    row = next(l for l in text.splitlines() if l.startswith(f'| {name} '))
     assert (f'| {100 * last_val["top1_error"]:.1f} / '
             f'{100 * last_val["top5_error"]:.1f} |') in row
     assert f'| {a["num_params"]:,} |' in row
