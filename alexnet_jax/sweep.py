@@ -52,12 +52,8 @@ VARIANTS: Dict[str, Variant] = {
         'demo,no_overlap', (), '2x2/2 pools instead of overlapping 3x3/2 '
         '(§3.4)', 'overlapping pools lower top-1/top-5 error by 0.4/0.3 '
         'points (§3.4)', 0.4, 0.3),
-    # configs/alexnet.py's one_tower sets fc_features=4096, the paper's size,
-    # over the demo's 512 (128 units per tower at width 0.25): 4x the two
-    # towers' fc units. The paper keeps fc whole (footnote 2), so here one
-    # tower gets both towers' fc6/fc7 units: 2 x 512.
     'one_tower': Variant(
-        'demo,one_tower', (('model.fc_features', 1024),),
+        'demo,one_tower', (),
         'one tower, half the conv kernels (conv5 and fc6/fc7 whole: both '
         "towers' units) (§3.2)", 'two towers lower top-1/top-5 error by 1.7/1.2 '
         'points vs one tower with half the kernels (§3.2)', 1.7, 1.2),

@@ -230,9 +230,12 @@ def apply_variant(config, variant):
     elif v == 'one_tower':
       # §3.2: one GPU with half the kernels per conv layer, except conv5 and
       # the fc layers, kept whole so the parameter count stays close (fn. 2).
-      config.model.num_towers = 1
-      config.model.conv_features = (48, 128, 192, 192, 256)
-      config.model.fc_features = 4096
+      # Applied to the current widths, so 'demo,one_tower' halves the demo.
+      m = config.model
+      m.num_towers = 1
+      m.conv_features = tuple(m.conv_features[:-1]) + (
+          2 * m.conv_features[-1],)
+      m.fc_features = 2 * m.fc_features
     elif v == 'tanh':
       config.model.activation = 'tanh'  # §3.1, Figure 1.
     elif v in ('deeper', 'shallower'):
