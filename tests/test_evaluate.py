@@ -187,10 +187,25 @@ def test_best_checkpoint_is_the_lowest_validation_error(runs):
   manager = checkpoint_lib.create_manager(os.path.join(a, 'checkpoints'),
                                           config.checkpoint)
   try:
-    assert evaluate.checkpoint_step(manager, 'best', {1: 0.5, 2: 0.6}) == 1
-    assert evaluate.checkpoint_step(manager, 'best', {1: 0.5, 2: 0.4}) == 2
+    # The validation error saved with each checkpoint ranks them, and
+    # outranks errors read elsewhere (metrics.jsonl).
+    stored = {s: manager.metrics(s)[checkpoint_lib.VAL_ERROR]
+              for s in manager.all_steps()}
+    assert sorted(stored) == [1, 2]
+    best = min(stored, key=lambda s: (stored[s], -s))
+    assert evaluate.checkpoint_step(manager, 'best') == best
+    assert evaluate.checkpoint_step(
+        manager, 'best', {s: -e for s, e in stored.items()}) == best
     assert evaluate.checkpoint_step(manager, 'latest') == 2
-    with pytest.raises(ValueError, match='none is "best"'):
-      evaluate.checkpoint_step(manager, 'best', {3: 0.1})
   finally:
     manager.close()
+
+  class Unscored:  # Checkpoints saved without metrics (older runs).
+    directory = a
+    all_steps = lambda self: [1, 2]
+    metrics = lambda self, step: None
+
+  assert evaluate.checkpoint_step(Unscored(), 'best', {1: 0.5, 2: 0.6}) == 1
+  assert evaluate.checkpoint_step(Unscored(), 'best', {1: 0.5, 2: 0.4}) == 2
+  with pytest.raises(ValueError, match='none is "best"'):
+    evaluate.checkpoint_step(Unscored(), 'best', {3: 0.1})

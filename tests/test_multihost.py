@@ -45,7 +45,8 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
           'schedule.kind': 'constant', 'log_every_steps': 1,
           'eval.every_epochs': 0.0, 'eval.every_steps': 0,
           'checkpoint.every_epochs': 0.0, 'checkpoint.every_steps': 2,
-          'data.prefetch': 1, 'data.num_parallel_calls': 2}
+          'data.prefetch': 1, 'data.num_parallel_calls': 2,
+          'figures.enabled': False}
   tiny.update({f'data.{k}': v for k, v in th.TINY_DATA.items()
                if k != 'demo_image_size'})
   lo, hi = th.TINY_DATA['demo_image_size']
