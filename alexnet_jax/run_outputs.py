@@ -18,7 +18,7 @@ every step's as images).
 
 import json
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 from absl import logging
 import jax

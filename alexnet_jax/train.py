@@ -43,7 +43,6 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-import numpy as np
 
 from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import input_pipeline

@@ -4,7 +4,6 @@ import os
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow_datasets as tfds
 
 from alexnet_jax import input_pipeline as ip
 from tests.data_fixtures import demo_config, demo_dir, make_mesh, SPEC  # pylint: disable=unused-import
@@ -77,7 +76,6 @@ def test_process_splits_disjoint_and_covering(demo_dir):
 
 def test_multiprocess_eval_pads_equal_batches(demo_dir):
   c = demo_config(demo_dir, batch_size=8)
-  mesh = make_mesh(4)
   total = 0
   for i in range(3):  # 20 val over 3 processes: 7, 7, 6; local batch 2.
     src = ip.get_source(c, 'eval', i, 3)
@@ -157,7 +155,6 @@ def test_mean_image_is_used(demo_dir, tmp_path):
 def test_device_finish_equals_train_finish(demo_dir, tmp_path):
   """The float step on the accelerator equals the tf version (per-pixel
   mean crops mirrored with the flips, PCA shift)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from alexnet_jax import preprocess as pp  # pylint: disable=g-import-not-at-top
   c = demo_config(demo_dir, batch_size=8)
   path = str(tmp_path / 'mean.npy')
