@@ -77,7 +77,8 @@ def _conv_rows_bwd(stride, padding, residuals, dy):
 
   rows = [jnp.einsum('bhwjc,bhwo->jco',
                      jnp.stack([window(i, j) for j in range(kw)], axis=3), dy,
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=jnp.promote_types(dy.dtype,
+                                                              jnp.float32))
           for i in range(kh)]
   return dx, jnp.stack(rows).astype(kernel.dtype)
 

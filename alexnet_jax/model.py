@@ -267,11 +267,12 @@ class AlexNet(nn.Module):
     # Its bias, added once after the sum, is the one parameter of no tower.
     kernel, bias = self._params('fc8', (l, xs[0].shape[-1], self.num_classes),
                                 (self.num_classes,))
-    logits = sum(jnp.dot(xs[t], kernel[t], preferred_element_type=jnp.float32)
+    out = jnp.promote_types(self.dtype, jnp.float32)  # float32 from bfloat16.
+    logits = sum(jnp.dot(xs[t], kernel[t], preferred_element_type=out)
                  for t in range(l))
     if self.tower_axis is not None:
       logits = lax.psum(logits, self.tower_axis)
-    return logits + bias.astype(jnp.float32)
+    return logits + bias.astype(out)
 
 
 def create_model(model_config, **overrides) -> AlexNet:
