@@ -32,7 +32,6 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -207,13 +206,7 @@ def make_predict_step(model, mesh, params):
                      in_shardings=(mesh_lib.param_shardings(mesh, params),
                                    by_data))
   def predict_step(params, images):
-    if images.ndim == 5:  # Example-major views: shards keep whole examples.
-      b, v = images.shape[:2]
-      logits = apply(params, images.reshape((b * v,) + images.shape[2:]))
-      log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-      return (jax.nn.logsumexp(log_probs.reshape(b, v, -1), axis=1) -
-              jnp.log(float(v)))
-    return jax.nn.log_softmax(apply(params, images).astype(jnp.float32))
+    return train_step_lib.view_log_probs(apply, params, images)
 
   return predict_step
 

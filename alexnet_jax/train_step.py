@@ -57,11 +57,21 @@ def create_train_state(model, tx, mesh, rng, image_size: int) -> TrainState:
   return jax.jit(init, out_shardings=shardings)()
 
 
-def cross_entropy(logits, labels, weights=None):
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  if weights is None:
-    return losses.mean()
-  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1)
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def view_log_probs(apply, params, images):
+  """Log-probabilities (B, classes) of images (B, H, W, 3), or for (B, V, H,
+  W, 3) the log of the softmax averaged over each image's V views (§4.1)."""
+  if images.ndim == 4:
+    return jax.nn.log_softmax(apply(params, images).astype(jnp.float32))
+  b, v = images.shape[:2]
+  # Example-major views: data shards keep whole examples.
+  logits = apply(params, images.reshape((b * v,) + images.shape[2:]))
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return (jax.nn.logsumexp(log_probs.reshape(b, v, -1), axis=1) -
+          jnp.log(float(v)))
 
 
 def top_k_correct(logits, labels, k):
@@ -133,14 +143,7 @@ def make_eval_step(model, mesh, params):
     images, labels = batch['images'], batch['labels']
     mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
     mask = mask.astype(jnp.float32)
-    if images.ndim == 5:
-      b, v = images.shape[:2]
-      # Example-major views: data shards keep whole examples.
-      logits = apply(params, images.reshape((b * v,) + images.shape[2:]))
-      probs = jax.nn.softmax(logits).reshape(b, v, -1).mean(axis=1)
-      log_probs = jnp.log(probs)
-    else:
-      log_probs = jax.nn.log_softmax(apply(params, images))
+    log_probs = view_log_probs(apply, params, images)
     losses = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
     return {
         'loss': (losses * mask).sum(),
