@@ -34,10 +34,12 @@ def timed(fn, *args, repeats):
   return wall, cpu
 
 
-def matmul_rate(n=4096, repeats=5):
+def matmul_rate(n=4096, repeats=5, dtype='float32'):
+  """An n x n x n matrix product at the default precision (on NVIDIA GPUs
+  XLA runs float32 products on the TF32 tensor cores)."""
   import jax
   import jax.numpy as jnp
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   wall, cpu = timed(f, a, repeats=repeats)
   return 2 * n**3 / wall, 2 * n**3 / cpu
@@ -78,6 +80,10 @@ def main():
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--conv_kernel_grad', default='auto',
                       choices=('auto', 'rows', 'xla'))
+  parser.add_argument('--xla_max_pool_grad', action='store_true',
+                      help="XLA's select-and-scatter gradient instead of "
+                      'alexnet_jax.pool\'s')
+  parser.add_argument('--matmul_size', type=int, default=4096)
   args = parser.parse_args()
   d, t = (int(x) for x in args.mesh.split(','))
   if d * t > 1 and 'cpu' in os.environ.get('JAX_PLATFORMS', 'cpu'):
@@ -99,6 +105,10 @@ def main():
             f'{s * 1e3:.1f} ms')
     return
 
+  if args.xla_max_pool_grad:
+    from alexnet_jax import model as model_lib
+    from alexnet_jax import pool
+    model_lib.max_pool = pool._pool
   config = get_config()
   config.model.dtype = args.dtype
   config.model.conv_kernel_grad = args.conv_kernel_grad
@@ -125,17 +135,23 @@ def main():
     walls.append(time.perf_counter() - t0)
     cpus.append(time.process_time() - c0)
   step_s, step_cpu = float(np.median(walls)), float(np.median(cpus))
-  rate, rate_cpu = matmul_rate()
+  n = args.matmul_size
+  rate, rate_cpu = matmul_rate(n, dtype=args.dtype)
   flops = args.batch * FLOP_PER_IMAGE
+  # Process CPU time measures the work only where the CPU does it.
+  on_cpu = dev.platform == 'cpu'
   print(f'mesh (data={d}, tower={t}), batch {args.batch}, {args.dtype}, conv '
-        f'kernel grad {args.conv_kernel_grad}: {step_s * 1e3:.0f} ms/step '
+        f'kernel grad {args.conv_kernel_grad}, '
+        f'{"XLA" if args.xla_max_pool_grad else "tap"} max-pool gradient: '
+        f'{step_s * 1e3:.1f} ms/step '
         f'(median of {args.steps}), {args.batch / step_s:.1f} images/s, '
-        f'{flops / step_s / 1e9:.1f} GFLOP/s; {step_cpu:.2f} CPU-s/step')
-  print(f'float32 matmul 4096x4096: {rate / 1e9:.1f} GFLOP/s wall, '
-        f'{rate_cpu / 1e9:.1f} GFLOP per CPU-s')
+        f'{flops / step_s / 1e9:.1f} GFLOP/s' +
+        (f'; {step_cpu:.2f} CPU-s/step' if on_cpu else ''))
+  print(f'{args.dtype} matmul {n}x{n}: {rate / 1e9:.1f} GFLOP/s wall' +
+        (f', {rate_cpu / 1e9:.1f} GFLOP per CPU-s' if on_cpu else ''))
   print(f'train step / matmul rate: {flops / step_s / rate:.1%} by wall '
-        f'time, {flops / step_cpu / rate_cpu:.1%} by CPU time')
-
+        'time' + (f', {flops / step_cpu / rate_cpu:.1%} by CPU time'
+                  if on_cpu else ''))
 
 if __name__ == '__main__':
   main()
