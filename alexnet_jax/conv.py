@@ -2,11 +2,15 @@
 
 XLA:CPU computes the weight gradient of a convolution (a correlation of the
 layer's input with its output gradient, contracted over batch and space) at
-a fraction of its forward speed: ~8 GFLOP/s for AlexNet's conv2 against ~60
-forward, 5x5 at stride 1 (docs/BENCHMARKS.md). `conv(..., kernel_grad='rows')` computes it as
-one matmul per kernel row instead: the input's strided windows for that row,
-stacked, contracted with the output gradient over (batch, h, w). The input
-gradient and the forward pass stay XLA's own.
+a fraction of its forward speed: 13-37 GFLOP per CPU-second for AlexNet's
+layers against 60-80 forward (docs/BENCHMARKS.md). `conv(...,
+kernel_grad='taps')` computes it as one matmul per kernel tap instead: the
+inputs tap (i, j) saw, (batch*h*w, cin), contracted with the output gradient,
+(batch*h*w, cout). A strided layer is first rearranged space-to-depth
+(s x s blocks of pixels become channels), which makes it a stride-1 layer of
+ceil(k/s) x ceil(k/s) taps: conv1's 11x11/4 kernel becomes 3x3 taps over 48
+channels instead of 121 taps over 3. The input gradient and the forward pass
+stay XLA's own.
 """
 
 import functools
@@ -23,64 +27,82 @@ def _xla_conv(x, kernel, stride, padding):
                                   dimension_numbers=_DIMS)
 
 
-def conv(x, kernel, stride: int, padding, kernel_grad: str = 'auto'):
-  """Convolution; `padding` is ((top, bottom), (left, right)).
+def conv(x, kernels, stride: int, padding, kernel_grad: str = 'auto'):
+  """x convolved with each kernel of the stack `kernels` (l, kh, kw, cin,
+  cout): a tuple of l outputs. `padding` is ((top, bottom), (left, right)).
 
-  kernel_grad: 'xla' (XLA's own gradient), 'rows' (one matmul per kernel
-  row), or 'auto' ('rows' on CPU for the layers where it was measured
-  faster, 'xla' elsewhere and on GPU/TPU, whose convolution libraries are
-  fast at it).
+  Towers that read the same input (conv1, and a layer after an exchange)
+  pass all their kernels at once: their weight gradients are then one
+  matmul per tap with l*cout columns, wider and faster than l separate ones.
+
+  kernel_grad: 'xla' (XLA's own gradient), 'taps' (one matmul per kernel
+  tap), or 'auto' ('taps' on CPU, 'xla' on GPU/TPU, whose convolution
+  libraries are fast at it).
   """
   padding = tuple(tuple(p) for p in padding)
   if kernel_grad == 'auto':
-    # Where XLA:CPU was measured slow: conv2's 5x5 stride-1 kernels (2x);
-    # for 11x11/4 and 3x3 its own gradient is as fast or faster.
-    on_cpu = jax.default_backend() == 'cpu'
-    rows = on_cpu and stride == 1 and kernel.shape[0] >= 5
-    kernel_grad = 'rows' if rows else 'xla'
+    kernel_grad = 'taps' if jax.default_backend() == 'cpu' else 'xla'
   if kernel_grad == 'xla':
-    return _xla_conv(x, kernel, stride, padding)
-  if kernel_grad == 'rows':
+    return tuple(_xla_conv(x, k, stride, padding) for k in kernels)
+  if kernel_grad == 'taps':
     # Under shard_map the kernel is replicated over 'data' and the input is
     # not: cast the kernel to varying first, so that the transpose of that
     # cast (not our rule) sums its gradient over the data shards.
     varying = lambda a: jax.typeof(a).manual_axis_type.varying
-    missing = tuple(sorted(varying(x) - varying(kernel)))
+    missing = tuple(sorted(varying(x) - varying(kernels)))
     if missing:
-      kernel = lax.pcast(kernel, missing, to='varying')
-    return _conv_rows(x, kernel, stride, padding)
-  raise ValueError(f"kernel_grad must be 'auto', 'xla' or 'rows', got "
+      kernels = lax.pcast(kernels, missing, to='varying')
+    return _conv_taps(x, kernels, stride, padding)
+  raise ValueError(f"kernel_grad must be 'auto', 'xla' or 'taps', got "
                    f'{kernel_grad!r}.')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_rows(x, kernel, stride, padding):
-  return _xla_conv(x, kernel, stride, padding)
-
-
-def _conv_rows_fwd(x, kernel, stride, padding):
-  return _xla_conv(x, kernel, stride, padding), (x, kernel)
-
-
-def _conv_rows_bwd(stride, padding, residuals, dy):
-  x, kernel = residuals
-  # Unused for the first layer (images need no gradient): XLA drops it.
-  dx = jax.vjp(lambda x: _xla_conv(x, kernel, stride, padding), x)[1](dy)[0]
-  kh, kw, cin, cout = kernel.shape
+def kernel_grad_taps(x, dy, kernel_shape, stride, padding):
+  """d(loss)/d(kernel) of `_xla_conv(x, kernel, stride, padding)` given the
+  output gradient dy, as one (cin*s*s, cout) matmul per space-to-depth tap."""
+  kh, kw, cin, cout = kernel_shape
   b, ho, wo, _ = dy.shape
-  xp = jnp.pad(x, ((0, 0),) + padding + ((0, 0),))
+  s = stride
+  th, tw = -(-kh // s), -(-kw // s)  # Taps after space-to-depth.
+  # The padded input, cut or zero-extended to the s x s blocks the taps
+  # cover (zeros only meet kernel positions past kh, kw: dropped below).
+  hs, ws = (ho - 1 + th) * s, (wo - 1 + tw) * s
+  (top, _), (left, _) = padding
+  zero = jnp.zeros((), x.dtype)
+  xp = lax.pad(x, zero, ((0, 0, 0), (top, hs - x.shape[1] - top, 0),
+                         (left, ws - x.shape[2] - left, 0), (0, 0, 0)))
+  z = xp.reshape(b, hs // s, s, ws // s, s, cin).transpose(
+      0, 1, 3, 2, 4, 5).reshape(b, hs // s, ws // s, s * s * cin)
+  dy2 = dy.reshape(-1, cout)
+  acc = jnp.promote_types(dy.dtype, jnp.float32)
+  taps = [jnp.matmul(
+      lax.slice(z, (0, i, j, 0), (b, i + ho, j + wo, s * s * cin)).reshape(
+          -1, s * s * cin).T, dy2, preferred_element_type=acc)
+          for i in range(th) for j in range(tw)]
+  g = jnp.stack(taps).reshape(th, tw, s, s, cin, cout).transpose(
+      0, 2, 1, 3, 4, 5).reshape(th * s, tw * s, cin, cout)
+  return g[:kh, :kw]
 
-  def window(i, j):  # The inputs kernel tap (i, j) saw, (b, ho, wo, cin).
-    return lax.slice(xp, (0, i, j, 0),
-                     (b, i + (ho - 1) * stride + 1, j + (wo - 1) * stride + 1,
-                      cin), (1, stride, stride, 1))
 
-  rows = [jnp.einsum('bhwjc,bhwo->jco',
-                     jnp.stack([window(i, j) for j in range(kw)], axis=3), dy,
-                     preferred_element_type=jnp.promote_types(dy.dtype,
-                                                              jnp.float32))
-          for i in range(kh)]
-  return dx, jnp.stack(rows).astype(kernel.dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_taps(x, kernels, stride, padding):
+  return tuple(_xla_conv(x, k, stride, padding) for k in kernels)
 
 
-_conv_rows.defvjp(_conv_rows_fwd, _conv_rows_bwd)
+def _conv_taps_fwd(x, kernels, stride, padding):
+  return _conv_taps(x, kernels, stride, padding), (x, kernels)
+
+
+def _conv_taps_bwd(stride, padding, residuals, dys):
+  x, kernels = residuals
+  # Unused for the first layer (images need no gradient): XLA drops it.
+  dx = sum(jax.vjp(lambda x: _xla_conv(x, k, stride, padding), x)[1](dy)[0]
+           for k, dy in zip(kernels, dys))
+  l, kh, kw, cin, cout = kernels.shape
+  dk = kernel_grad_taps(x, jnp.concatenate(dys, axis=-1),
+                        (kh, kw, cin, l * cout), stride, padding)
+  dk = jnp.moveaxis(dk.reshape(kh, kw, cin, l, cout), 3, 0)
+  return dx, dk.astype(kernels.dtype)
+
+
+_conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)

@@ -172,6 +172,16 @@ class AlexNet(nn.Module):
   def _pool(self, x):
     return max_pool(x, self.pool_window, self.pool_stride)
 
+  def _conv_towers(self, xs, kernel, stride, padding):
+    """Each local tower's convolution of xs[t] with kernel[t]; towers that
+    read the same input (conv1, and a layer after an exchange) go together
+    (conv.py: their weight gradients are computed at once)."""
+    k = self.conv_kernel_grad
+    if len(xs) > 1 and all(x is xs[0] for x in xs):
+      return conv(xs[0], kernel, stride, padding, k)
+    return [conv(x, kernel[t:t + 1], stride, padding, k)[0]
+            for t, x in enumerate(xs)]
+
   def _tower_index(self, local):
     """Global index of local tower `local` on this device."""
     if self.tower_axis is None:
@@ -221,8 +231,7 @@ class AlexNet(nn.Module):
       else:
         padding = ((size // 2, size // 2),) * 2  # 'SAME' at stride 1.
       ys = []
-      for t in range(l):
-        y = conv(xs[t], kernel[t], stride, padding, self.conv_kernel_grad)
+      for t, y in enumerate(self._conv_towers(xs, kernel, stride, padding)):
         y = self._act(y + bias[t])
         if layer in ('conv1', 'conv2'):
           if self.use_lrn:
@@ -250,8 +259,11 @@ class AlexNet(nn.Module):
       kernel, bias = self._params(layer, (l, xs[0].shape[-1], features),
                                   (l, features))
       ys = []
-      for t in range(l):
-        y = self._act(jnp.dot(xs[t], kernel[t]) + bias[t])
+      # One matmul batched over the local towers: a dot per tower would have
+      # XLA:CPU copy out each tower's kernel[t] first (75 MB for fc6).
+      hs = jnp.einsum('lbk,lkn->lbn', jnp.stack(xs), kernel)
+      for t, y in enumerate(hs):
+        y = self._act(y + bias[t])
         if train and self.dropout_rate > 0:
           mask = dropout_mask(dropout_rng, layer, self._tower_index(t),
                               example_ids, y.shape[1:], self.dropout_rate)
@@ -268,8 +280,9 @@ class AlexNet(nn.Module):
     kernel, bias = self._params('fc8', (l, xs[0].shape[-1], self.num_classes),
                                 (self.num_classes,))
     out = jnp.promote_types(self.dtype, jnp.float32)  # float32 from bfloat16.
-    logits = sum(jnp.dot(xs[t], kernel[t], preferred_element_type=out)
-                 for t in range(l))
+    logits = jnp.dot(jnp.concatenate(xs, axis=-1),
+                     kernel.reshape(-1, self.num_classes),
+                     preferred_element_type=out)
     if self.tower_axis is not None:
       logits = lax.psum(logits, self.tower_axis)
     return logits + bias.astype(out)

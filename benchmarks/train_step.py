@@ -79,7 +79,7 @@ def main():
   parser.add_argument('--grouped_conv', action='store_true')
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--conv_kernel_grad', default='auto',
-                      choices=('auto', 'rows', 'xla'))
+                      choices=('auto', 'taps', 'xla'))
   parser.add_argument('--xla_max_pool_grad', action='store_true',
                       help="XLA's select-and-scatter gradient instead of "
                       'alexnet_jax.pool\'s')
