@@ -13,6 +13,7 @@ Outside shard_map (`tower_axis=None`) the same module runs every tower on one
 device; that is how it is initialised.
 """
 
+import functools
 from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -61,16 +62,49 @@ def lrn(x, *, k, n, alpha, beta, alpha_over_n=False):
   clipped at the tower's channel edges. The window sum is a matmul with a
   banded 0/1 matrix, which XLA runs as fast as any dot.
   """
-  c = x.shape[-1]
-  idx = jnp.arange(c)
-  band = (jnp.abs(idx[:, None] - idx[None, :]) <= n // 2).astype(x.dtype)
   scale = alpha / n if alpha_over_n else alpha
-  denom = k + scale * jnp.dot(x * x, band)
-  # (.)^-0.75 as rsqrt * sqrt(rsqrt): cheaper than a general power.
+  return _lrn(x, float(k), int(n), float(scale), float(beta))
+
+
+def _lrn_band(x, n):
+  idx = jnp.arange(x.shape[-1])
+  return (jnp.abs(idx[:, None] - idx[None, :]) <= n // 2).astype(x.dtype)
+
+
+def _lrn_denominator(x, k, n, scale):
+  return k + scale * jnp.dot(x * x, _lrn_band(x, n))
+
+
+def _pow_minus(d, beta):
+  """d ** -beta; for 0.75 as rsqrt * sqrt(rsqrt), cheaper than a power."""
   if beta == 0.75:
-    r = lax.rsqrt(denom)
-    return x * r * jnp.sqrt(r)
-  return x * denom ** -beta
+    r = lax.rsqrt(d)
+    return r * jnp.sqrt(r)
+  return d ** -beta
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _lrn(x, k, n, scale, beta):
+  return x * _pow_minus(_lrn_denominator(x, k, n, scale), beta)
+
+
+def _lrn_fwd(x, k, n, scale, beta):
+  d = _lrn_denominator(x, k, n, scale)
+  return x * _pow_minus(d, beta), (x, d)
+
+
+def _lrn_bwd(k, n, scale, beta, residuals, dy):
+  """dx_j = dy_j d_j^-beta - 2 scale beta x_j sum_{i: j in window(i)}
+  dy_i x_i d_i^(-beta-1): two elementwise passes around one band matmul
+  (the band is symmetric), where autodiff keeps and re-reads several
+  intermediates."""
+  x, d = residuals
+  p = _pow_minus(d, beta)
+  back = jnp.dot(dy * x * p / d, _lrn_band(x, n))
+  return (dy * p - (2 * scale * beta) * x * back,)
+
+
+_lrn.defvjp(_lrn_fwd, _lrn_bwd)
 
 
 def dropout_mask(rng, layer: str, tower, example_ids, shape, rate):

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from alexnet_jax import mesh as mesh_lib
-from alexnet_jax.model import AlexNet, conv1_padding, create_model, dropout_mask
+from alexnet_jax.model import (AlexNet, conv1_padding, create_model,
+                               dropout_mask, lrn)
 from configs.alexnet import get_config
+from tests.reference import _lrn as reference_lrn
 from tests.reference import reference_apply
 
 # PAPER.md's layer table.
@@ -211,6 +213,21 @@ def test_lrn_alpha_over_n_switch():
   assert rel_err(got, want) <= 1e-5, seed
   plain = model.clone(lrn_alpha_over_n=False)
   assert rel_err(plain.apply({'params': params}, images), want) > 1e-3
+
+
+@pytest.mark.parametrize('beta', [0.75, 0.5])
+def test_lrn_value_and_hand_written_gradient(beta):
+  """lrn's custom gradient against autodiff of the reference's shifted
+  sums, with an alpha large enough that the cross-channel term matters."""
+  rng = np.random.default_rng(int(beta * 100))
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.normal(size=(2, 4, 4, 9)) * 3)
+    w = jnp.asarray(rng.normal(size=x.shape))
+    ours = lambda x: jnp.sum(w * lrn(x, k=2.0, n=5, alpha=0.05, beta=beta))
+    ref = lambda x: jnp.sum(w * reference_lrn(x, 1, 2.0, 5, 0.05, beta))
+    np.testing.assert_allclose(ours(x), ref(x), rtol=1e-12)
+    np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(ref)(x),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_dropout_masks_rate_and_independence():
