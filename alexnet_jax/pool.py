@@ -33,22 +33,38 @@ def _max_pool_fwd(x, window, stride):
 def _max_pool_bwd(window, stride, residuals, dy):
   x, y = residuals
   b, ho, wo, c = y.shape
-  h, w = x.shape[1:3]
-  dx = jnp.zeros_like(x)
+  zero = jnp.zeros((), dy.dtype)
+  # Input row stride*(h + oi) + pi, for tap i = stride*oi + pi, gets output
+  # row h's gradient: the taps of one phase (pi, pj) add up on a grid of
+  # pooled size (plus `reach`), and the stride x stride phase grids then
+  # interleave into the input's shape in one pass, instead of one full-size
+  # scatter per tap.
+  reach = (window - 1) // stride
+  grids = {}
   taken = jnp.zeros(y.shape, bool)
   for i in range(window):
     for j in range(window):
-      # The inputs tap (i, j) saw, and where the gradient goes back to them.
+      # The inputs tap (i, j) saw; the gradient goes to them where they are
+      # the window's first maximum.
       seen = lax.slice(x, (0, i, j, 0),
                        (b, i + (ho - 1) * stride + 1,
                         j + (wo - 1) * stride + 1, c), (1, stride, stride, 1))
       first_max = (seen == y) & ~taken
       taken = taken | first_max
-      grad = jnp.where(first_max, dy, jnp.zeros((), dy.dtype))
-      dx = dx + lax.pad(grad, jnp.zeros((), dy.dtype), (
-          (0, 0, 0), (i, h - i - (ho - 1) * stride - 1, stride - 1),
-          (j, w - j - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)))
-  return (dx,)
+      (oi, pi), (oj, pj) = divmod(i, stride), divmod(j, stride)
+      grad = lax.pad(jnp.where(first_max, dy, zero), zero,
+                     ((0, 0, 0), (oi, reach - oi, 0), (oj, reach - oj, 0),
+                      (0, 0, 0)))
+      grids[pi, pj] = grids[pi, pj] + grad if (pi, pj) in grids else grad
+  gh, gw = ho + reach, wo + reach
+  empty = jnp.zeros((b, gh, gw, c), dy.dtype)  # A phase no tap reaches.
+  dx = jnp.stack([jnp.stack([grids.get((pi, pj), empty)
+                             for pj in range(stride)], axis=3)
+                  for pi in range(stride)], axis=2)
+  dx = dx.reshape(b, gh * stride, gw * stride, c)
+  h, w = x.shape[1:3]  # Cut to the input, or extend over rows no window saw.
+  return (lax.pad(dx, zero, ((0, 0, 0), (0, h - gh * stride, 0),
+                             (0, w - gw * stride, 0), (0, 0, 0))),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
