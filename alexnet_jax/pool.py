@@ -4,7 +4,8 @@ XLA's gradient of a max-pool (select-and-scatter) runs ~3x slower on the CPU
 than this one (docs/BENCHMARKS.md): for each of the window's w*w taps, the
 pooled gradient goes to the input that tap saw wherever that input is the
 window's maximum and no earlier tap was, i.e. to the first maximum in
-row-major order, exactly as select-and-scatter does.
+row-major order, exactly as select-and-scatter does. The taps' gradients
+are summed per stride phase at the pooled size and interleaved once.
 """
 
 import functools
