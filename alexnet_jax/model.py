@@ -216,6 +216,15 @@ class AlexNet(nn.Module):
     return [conv(x, kernel[t:t + 1], stride, padding, k)[0]
             for t, x in enumerate(xs)]
 
+  def _dense_towers(self, xs, kernel):
+    """xs[t] @ kernel[t] for each local tower."""
+    if len(xs) == 1:  # A plain matmul: the batched form's kernel gradient
+      # would be transposed in a copy (75 MB for fc6) on XLA:CPU.
+      return [jnp.dot(xs[0], kernel.reshape(kernel.shape[1:]))]
+    # One matmul batched over the towers: a dot per tower would have XLA:CPU
+    # copy out each tower's kernel[t] first.
+    return list(jnp.einsum('lbk,lkn->lbn', jnp.stack(xs), kernel))
+
   def _tower_index(self, local):
     """Global index of local tower `local` on this device."""
     if self.tower_axis is None:
@@ -293,10 +302,7 @@ class AlexNet(nn.Module):
       kernel, bias = self._params(layer, (l, xs[0].shape[-1], features),
                                   (l, features))
       ys = []
-      # One matmul batched over the local towers: a dot per tower would have
-      # XLA:CPU copy out each tower's kernel[t] first (75 MB for fc6).
-      hs = jnp.einsum('lbk,lkn->lbn', jnp.stack(xs), kernel)
-      for t, y in enumerate(hs):
+      for t, y in enumerate(self._dense_towers(xs, kernel)):
         y = self._act(y + bias[t])
         if train and self.dropout_rate > 0:
           mask = dropout_mask(dropout_rng, layer, self._tower_index(t),
