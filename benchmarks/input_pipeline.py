@@ -7,6 +7,8 @@ Generates ImageNet-like JPEGs (sides 200-550 px, ~400x350 average, photo-like
 smooth content plus noise), then times, in one run, images/s through tf.data
 (batches of 128):
   bare decode          tf.io.decode_jpeg of the whole image
+  components           the crop window's decode alone, then with the
+                       bilinear resample to 224 (no RNG/PCA/conds)
   reference            preprocess.train_preprocess_reference: the literal
                        chain on the float 256x256 square (the old pipeline)
   train augmentation   preprocess.train_example: the crop window decoded and
@@ -128,8 +130,32 @@ def main():
     return ip.train_example_fn(c)
   finish = lambda *parts: pp.train_finish(*parts, mean=mean)
   decode = lambda x, s: tf.io.decode_jpeg(x, channels=3)[:1, :1]
+
+  def window(x, s, resample=False):
+    """Components of train_example on a JPEG: the crop window's decode
+    (plus the bilinear resample to the crop, rounded to uint8)."""
+    limit = d.resize_size - d.crop_size
+    offsets = pp.crop_offsets(tf.random.experimental.stateless_split(s, 3)[0],
+                              limit, limit)
+    shape = tf.image.extract_jpeg_shape(x)
+    oy, ox, side = pp._square(shape[0], shape[1])
+    wy, wx = (pp._window(c, side, d.resize_size, d.crop_size, 1.0)
+              for c in offsets)
+    img = tf.image.decode_and_crop_jpeg(
+        x, tf.stack([oy + wy[0], ox + wx[0], wy[1], wx[1]]), channels=3)
+    if not resample:
+      return img[:1, :1]
+    hp, wp = (tf.cast(w[1] - 1, tf.float32) for w in (wy, wx))
+    box = tf.stack([wy[2] / hp, wx[2] / wp, wy[3] / hp, wx[3] / wp])
+    return tf.cast(tf.image.crop_and_resize(
+        img[None], box[None], [0], [d.crop_size, d.crop_size])[0] + 0.5,
+                   tf.uint8)
   stages = {
       'bare decode (full image)': lambda: per_image(jpegs, decode),
+      'component: decode of the crop window only':
+          lambda: per_image(jpegs, window),
+      'component: window decode + crop_and_resize to 224, uint8':
+          lambda: per_image(jpegs, lambda x, s: window(x, s, True)),
       'reference: float 256x256 chain (old pipeline)':
           lambda: per_image(jpegs, reference),
       '**train augmentation** (uint8 crops + shift; float step on device)':

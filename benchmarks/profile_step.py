@@ -1,0 +1,104 @@
+"""Where a train step's time goes on XLA:CPU: per-op durations.
+
+  python benchmarks/profile_step.py [--batch=32] [--mesh=1,1] [--top=40]
+
+Runs three steps of the full network under jax.profiler.trace, reads each
+op's duration from the trace (the XPlane protobuf, parsed with the copy of
+its schema that TensorFlow ships), and names each op by the jax operation
+it came from (the compiled HLO's op_name metadata). XLA:CPU runs independent
+ops concurrently, so op times add up to more than the step time and small
+ops look slower than they are alone.
+"""
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def op_times(trace_dir, steps):
+  """{op name: ms per step} over the XLA:CPU worker threads."""
+  from tensorflow.tsl.profiler.protobuf import xplane_pb2
+  space = xplane_pb2.XSpace()
+  path, = glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'),
+                    recursive=True)
+  with open(path, 'rb') as f:
+    space.ParseFromString(f.read())
+  times = collections.Counter()
+  for plane in space.planes:
+    for line in plane.lines:
+      if not line.name.startswith('tf_XLA'):
+        continue
+      for event in line.events:
+        name = plane.event_metadata[event.metadata_id].name
+        if not name.startswith(('ThunkExecutor', 'SlinkyThreadPool', '$')):
+          times[name] += event.duration_ps / 1e9 / steps
+  return times
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--mesh', default='1,1', help='data,tower')
+  parser.add_argument('--top', type=int, default=40)
+  args = parser.parse_args()
+  d, t = (int(x) for x in args.mesh.split(','))
+  if d * t > 1:
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={d*t}')
+  import jax
+  import numpy as np
+  from alexnet_jax import mesh as mesh_lib
+  from alexnet_jax import optimizer, train_step
+  from alexnet_jax.model import create_model
+  from configs.alexnet import get_config
+
+  config = get_config()
+  size = config.data.crop_size
+  model = create_model(config.model)
+  mesh = mesh_lib.make_mesh(model.num_towers, t, d)
+  tx = optimizer.create_optimizer(config.optim)
+  state = train_step.create_train_state(model, tx, mesh,
+                                        jax.random.PRNGKey(0), size)
+  step = train_step.make_train_step(model, tx, mesh, state)
+  rng = np.random.default_rng(0)
+  batch = jax.device_put(
+      {'images': rng.normal(0, 60, (args.batch, size, size, 3)).astype(
+          np.float32),
+       'labels': rng.integers(0, 1000, args.batch).astype(np.int32)},
+      mesh_lib.data_sharding(mesh))
+  hlo = step.lower(state, batch).compile().as_text()
+  for _ in range(2):  # Compile and warm up.
+    state, m = step(state, batch)
+    jax.block_until_ready(m)
+  steps = 3
+  with tempfile.TemporaryDirectory() as trace_dir:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+      for _ in range(steps):
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+    wall = (time.perf_counter() - t0) / steps
+    times = op_times(trace_dir, steps)
+
+  where = {}
+  for name, rest in re.findall(r'^\s*(?:ROOT )?%(\S+) = (.*)$', hlo, re.M):
+    shape = rest.split(' ', 1)[0]
+    op = re.search(r'op_name="([^"]*)"', rest)
+    where[name] = (shape, op.group(1).split('/', 1)[-1] if op else '')
+  print(f'mesh (data={d}, tower={t}), batch {args.batch}: {wall * 1e3:.0f} '
+        f'ms/step under the profiler, {sum(times.values()):.0f} ms of op time')
+  print(f'{"ms/step":>8}  {"op":<26} {"shape":<28} from')
+  for name, ms in times.most_common(args.top):
+    shape, op = where.get(name, ('', ''))
+    print(f'{ms:8.1f}  {name[:26]:<26} {shape[:28]:<28} {op[-70:]}')
+
+
+if __name__ == '__main__':
+  main()
