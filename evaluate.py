@@ -21,6 +21,11 @@ a run restores onto any mesh.
 
 import sys
 
+from alexnet_jax import xla_cpu
+
+xla_cpu.sequential_scheduler()  # Before JAX starts (alexnet_jax/xla_cpu.py).
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging

@@ -17,6 +17,11 @@ needs nothing.
 
 import os
 
+from alexnet_jax import xla_cpu
+
+xla_cpu.sequential_scheduler()  # Before JAX starts (alexnet_jax/xla_cpu.py).
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging

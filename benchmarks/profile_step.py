@@ -20,6 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alexnet_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def op_times(trace_dir, steps):
@@ -48,6 +49,7 @@ def main():
   parser.add_argument('--mesh', default='1,1', help='data,tower')
   parser.add_argument('--top', type=int, default=40)
   args = parser.parse_args()
+  xla_cpu.sequential_scheduler()  # As launch.py.
   d, t = (int(x) for x in args.mesh.split(','))
   if d * t > 1:
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +

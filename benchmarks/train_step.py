@@ -14,6 +14,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from alexnet_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # A training step costs ~3x the forward pass: 3 x 1.45 GFLOP (PAPER.md).
 FLOP_PER_IMAGE = 4.35e9
@@ -84,7 +85,12 @@ def main():
                       help="XLA's select-and-scatter gradient instead of "
                       'alexnet_jax.pool\'s')
   parser.add_argument('--matmul_size', type=int, default=4096)
+  parser.add_argument('--concurrent_scheduler', action='store_true',
+                      help="XLA:CPU's default concurrency-optimised scheduler "
+                      'instead of the one launch.py uses (alexnet_jax/xla_cpu.py)')
   args = parser.parse_args()
+  if not args.concurrent_scheduler:
+    xla_cpu.sequential_scheduler()
   d, t = (int(x) for x in args.mesh.split(','))
   if d * t > 1 and 'cpu' in os.environ.get('JAX_PLATFORMS', 'cpu'):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -142,6 +148,8 @@ def main():
   on_cpu = dev.platform == 'cpu'
   print(f'mesh (data={d}, tower={t}), batch {args.batch}, {args.dtype}, conv '
         f'kernel grad {args.conv_kernel_grad}, '
+        f'{"concurrent" if args.concurrent_scheduler else "sequential"} '
+        'scheduler, '
         f'{"XLA" if args.xla_max_pool_grad else "tap"} max-pool gradient: '
         f'{step_s * 1e3:.1f} ms/step '
         f'(median of {args.steps}), {args.batch / step_s:.1f} images/s, '
