@@ -39,7 +39,6 @@ def matmul_rate(n=4096, repeats=5, dtype='float32'):
   """An n x n x n matrix product at the default precision (on NVIDIA GPUs
   XLA runs float32 products on the TF32 tensor cores)."""
   import jax
-  import jax.numpy as jnp
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   wall, cpu = timed(f, a, repeats=repeats)
