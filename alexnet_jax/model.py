@@ -217,12 +217,12 @@ class AlexNet(nn.Module):
             for t, x in enumerate(xs)]
 
   def _dense_towers(self, xs, kernel):
-    """xs[t] @ kernel[t] for each local tower."""
-    if len(xs) == 1:  # A plain matmul: the batched form's kernel gradient
-      # would be transposed in a copy (75 MB for fc6) on XLA:CPU.
+    """xs[t] @ kernel[t] for each local tower, without slicing the kernel
+    (XLA:CPU copies a kernel[t] out before its dot: 75 MB for fc6)."""
+    if len(xs) == 1:
+      # A plain matmul: the batched form below would have XLA:CPU transpose
+      # the kernel's gradient in a copy.
       return [jnp.dot(xs[0], kernel.reshape(kernel.shape[1:]))]
-    # One matmul batched over the towers: a dot per tower would have XLA:CPU
-    # copy out each tower's kernel[t] first.
     return list(jnp.einsum('lbk,lkn->lbn', jnp.stack(xs), kernel))
 
   def _tower_index(self, local):
@@ -315,7 +315,8 @@ class AlexNet(nn.Module):
       self.sow('intermediates', f'{layer}_features', xs)
 
     # fc8 reads both towers' fc7 (§3.5): a split matmul whose partial logits
-    # are summed over towers, W8 @ concat(h7_1, h7_2) = sum_t W8[t] @ h7_t.
+    # are summed over towers, W8 @ concat(h7_1, h7_2) = sum_t W8[t] @ h7_t
+    # (this device's towers in one matmul, then the sum over the tower axis).
     # Its bias, added once after the sum, is the one parameter of no tower.
     kernel, bias = self._params('fc8', (l, xs[0].shape[-1], self.num_classes),
                                 (self.num_classes,))

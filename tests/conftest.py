@@ -4,7 +4,3 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-from alexnet_jax import xla_cpu  # pylint: disable=g-import-not-at-top
-
-xla_cpu.sequential_scheduler()
