@@ -55,26 +55,9 @@ def main():
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_force_host_platform_device_count={d*t}')
   import jax
-  import numpy as np
-  from alexnet_jax import mesh as mesh_lib
-  from alexnet_jax import optimizer, train_step
-  from alexnet_jax.model import create_model
-  from configs.alexnet import get_config
+  from train_step import full_step  # benchmarks/train_step.py
 
-  config = get_config()
-  size = config.data.crop_size
-  model = create_model(config.model)
-  mesh = mesh_lib.make_mesh(model.num_towers, t, d)
-  tx = optimizer.create_optimizer(config.optim)
-  state = train_step.create_train_state(model, tx, mesh,
-                                        jax.random.PRNGKey(0), size)
-  step = train_step.make_train_step(model, tx, mesh, state)
-  rng = np.random.default_rng(0)
-  batch = jax.device_put(
-      {'images': rng.normal(0, 60, (args.batch, size, size, 3)).astype(
-          np.float32),
-       'labels': rng.integers(0, 1000, args.batch).astype(np.int32)},
-      mesh_lib.data_sharding(mesh))
+  step, state, batch = full_step(args.batch, d, t)
   hlo = step.lower(state, batch).compile().as_text()
   for _ in range(2):  # Compile and warm up.
     state, m = step(state, batch)

@@ -45,6 +45,34 @@ def matmul_rate(n=4096, repeats=5, dtype='float32'):
   return 2 * n**3 / wall, 2 * n**3 / cpu
 
 
+def full_step(batch_size, d, t, dtype='float32', conv_kernel_grad='auto'):
+  """(train step, state, random batch) of the full network (configs/alexnet.py)
+  on a (data=d, tower=t) mesh."""
+  import jax
+  import numpy as np
+  from alexnet_jax import mesh as mesh_lib
+  from alexnet_jax import optimizer, train_step
+  from alexnet_jax.model import create_model
+  from configs.alexnet import get_config
+  config = get_config()
+  config.model.dtype = dtype
+  config.model.conv_kernel_grad = conv_kernel_grad
+  size = config.data.crop_size
+  model = create_model(config.model)
+  mesh = mesh_lib.make_mesh(model.num_towers, t, d)
+  tx = optimizer.create_optimizer(config.optim)
+  state = train_step.create_train_state(model, tx, mesh,
+                                        jax.random.PRNGKey(0), size)
+  step = train_step.make_train_step(model, tx, mesh, state)
+  rng = np.random.default_rng(0)
+  batch = jax.device_put(
+      {'images': rng.normal(0, 60, (batch_size, size, size, 3)).astype(
+          np.float32),
+       'labels': rng.integers(0, 1000, batch_size).astype(np.int32)},
+      mesh_lib.data_sharding(mesh))
+  return step, state, batch
+
+
 def grouped_vs_split(batch):
   """conv2 of both towers on one device: one feature_group_count=2 conv vs
   two plain convs (forward + backward)."""
@@ -96,10 +124,6 @@ def main():
                                f' --xla_force_host_platform_device_count={d*t}')
   import jax
   import numpy as np
-  from alexnet_jax import mesh as mesh_lib
-  from alexnet_jax import optimizer, train_step
-  from alexnet_jax.model import create_model
-  from configs.alexnet import get_config
 
   dev = jax.devices()[0]
   print(f'device: {dev.platform} {dev.device_kind}, {jax.device_count()} '
@@ -114,22 +138,8 @@ def main():
     from alexnet_jax import model as model_lib
     from alexnet_jax import pool
     model_lib.max_pool = pool._pool
-  config = get_config()
-  config.model.dtype = args.dtype
-  config.model.conv_kernel_grad = args.conv_kernel_grad
-  size = config.data.crop_size
-  model = create_model(config.model)
-  mesh = mesh_lib.make_mesh(model.num_towers, t, d)
-  tx = optimizer.create_optimizer(config.optim)
-  state = train_step.create_train_state(model, tx, mesh,
-                                        jax.random.PRNGKey(0), size)
-  step = train_step.make_train_step(model, tx, mesh, state)
-  rng = np.random.default_rng(0)
-  batch = jax.device_put(
-      {'images': rng.normal(0, 60, (args.batch, size, size, 3)).astype(
-          np.float32),
-       'labels': rng.integers(0, 1000, args.batch).astype(np.int32)},
-      mesh_lib.data_sharding(mesh))
+  step, state, batch = full_step(args.batch, d, t, args.dtype,
+                                 args.conv_kernel_grad)
   state, m = step(state, batch)  # Compile.
   jax.block_until_ready(m)
   walls, cpus = [], []
