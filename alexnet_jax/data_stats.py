@@ -28,7 +28,8 @@ from alexnet_jax import preprocess as pp
 
 
 def compute(config, max_images=0, batch=64):
-  """Returns dict(mean_image, eigvecs, stddevs, num_images) for the split."""
+  """Returns dict(mean_image, eigvecs, stddevs, channel_means, num_images)
+  for the split."""
   d = config.data
   source = ip.get_source(config, 'train', 0, 1)
   ds = source.records(None, 0)

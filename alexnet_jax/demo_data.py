@@ -59,13 +59,11 @@ class DemoSpec:
   min_size: int = 60  # Shorter/longer image sides are drawn in [min, max].
   max_size: int = 160
   seed: int = 0
-  awkward: bool = True  # CMYK, PNG, grayscale, tiny, huge and corrupt files.
 
   @property
   def name(self):
     return (f'k{self.num_classes}_n{self.train_per_class}_v{self.val_per_class}'
-            f'_s{self.min_size}-{self.max_size}_seed{self.seed}'
-            f'{"_awk" if self.awkward else ""}')
+            f'_s{self.min_size}-{self.max_size}_seed{self.seed}')
 
 
 def class_wnids(num_classes):
@@ -168,7 +166,7 @@ def _add(tar, name, data):
 def _image_bytes(spec, rng, label):
   img = draw_pattern(PATTERNS[label % len(PATTERNS)], _random_size(spec, rng),
                      rng)
-  if spec.awkward and rng.random() < 0.05:
+  if rng.random() < 0.05:
     img = img.convert('L')  # Grayscale JPEGs, as in ImageNet.
   return _jpeg(img)
 
@@ -182,25 +180,24 @@ def generate(manual_dir, spec=DemoSpec()):
   rng = np.random.default_rng(spec.seed)
   wnids = class_wnids(spec.num_classes)
   # The special files are named as in tfds's fix-up lists.
+  # class_wnids puts the fix-up lists' synsets first: both have a class.
   special = {}
-  if spec.awkward:
-    png = imagenet_lib.PNG_IMAGES[0]
-    cmyk = next(f for f in imagenet_lib.CMYK_IMAGES if f[:9] in wnids)
-    img = draw_pattern(PATTERNS[wnids.index(cmyk[:9])], (120, 90), rng)
-    special[cmyk] = _jpeg(img.convert('CMYK'))
-    if png[:9] in wnids:
-      buf = io.BytesIO()
-      draw_pattern(PATTERNS[wnids.index(png[:9])], (100, 140), rng).save(
-          buf, 'PNG')
-      special[png] = buf.getvalue()
-    w0 = wnids[0]
-    special[f'{w0}_900001.JPEG'] = _jpeg(
-        draw_pattern(PATTERNS[0], (9, 7), rng))  # Very small.
-    special[f'{w0}_900002.JPEG'] = _jpeg(
-        draw_pattern(PATTERNS[0], (1800, 1400), rng))  # Very large.
-    good = _jpeg(draw_pattern(PATTERNS[1], (80, 80), rng))
-    # Corrupt: a JPEG start-of-image marker, then garbage bytes.
-    special[f'{wnids[1]}_900003.JPEG'] = good[:2] + rng.bytes(len(good) - 2)
+  png = imagenet_lib.PNG_IMAGES[0]
+  cmyk = next(f for f in imagenet_lib.CMYK_IMAGES if f[:9] in wnids)
+  img = draw_pattern(PATTERNS[wnids.index(cmyk[:9])], (120, 90), rng)
+  special[cmyk] = _jpeg(img.convert('CMYK'))
+  buf = io.BytesIO()
+  draw_pattern(PATTERNS[wnids.index(png[:9])], (100, 140), rng).save(
+      buf, 'PNG')
+  special[png] = buf.getvalue()
+  w0 = wnids[0]
+  special[f'{w0}_900001.JPEG'] = _jpeg(
+      draw_pattern(PATTERNS[0], (9, 7), rng))  # Very small.
+  special[f'{w0}_900002.JPEG'] = _jpeg(
+      draw_pattern(PATTERNS[0], (1800, 1400), rng))  # Very large.
+  good = _jpeg(draw_pattern(PATTERNS[1], (80, 80), rng))
+  # Corrupt: a JPEG start-of-image marker, then garbage bytes.
+  special[f'{wnids[1]}_900003.JPEG'] = good[:2] + rng.bytes(len(good) - 2)
 
   with tarfile.open(os.path.join(manual_dir, TRAIN_TAR), 'w') as train:
     for label, wnid in enumerate(wnids):

@@ -17,7 +17,7 @@ whole shards and windows without reading them and lands on the same batch.
 Undecodable records. Each batch is decoded as a small inner dataset with
 `ignore_errors`; the holes a bad record leaves are filled by repeating the
 batch's good examples (train) or masked out (eval), so shapes and batch
-boundaries never move. The number skipped travels with the batch and is
+boundaries never move (a train batch with no good record at all is dropped). The number skipped travels with the batch and is
 logged (absl, WARNING) as a running total; nothing crashes.
 """
 
@@ -334,11 +334,6 @@ def _decode_batches(ds, fn, batch, spec, parallel):
                        num_parallel_calls=parallel, deterministic=True)
 
 
-def _parallel(config):
-  n = config.data.num_parallel_calls
-  return tf.data.AUTOTUNE if n == -1 else n
-
-
 def _cycle(config):
   n = config.data.num_parallel_calls
   return max(2, os.cpu_count() or 2) if n == -1 else n
@@ -368,9 +363,13 @@ def train_dataset(config, source, local_batch, steps, epoch, start_batch=0,
   ds = _decode_batches(ds, fn, local_batch, spec, _cycle(config))
 
   def fill(x, l, n):  # Repeat good examples where bad records were.
-    idx = tf.range(local_batch) % tf.maximum(n, 1)
-    return (tuple(tf.gather(y, idx) for y in x), tf.gather(l, idx),
-            local_batch - n)
+    def repeat():
+      idx = tf.range(local_batch) % n
+      return tuple(tf.gather(y, idx) for y in x), tf.gather(l, idx)
+    x, l = tf.cond(n < local_batch, repeat, lambda: (x, l))
+    return x, l, local_batch - n
+  # A batch whose every record is bad has nothing to repeat: it is dropped
+  # (and counted), so that epoch ends one step early.
   return ds.filter(lambda x, l, n: n > 0).map(fill).prefetch(1)
 
 
@@ -383,8 +382,7 @@ def train_example_fn(config):
       random_flip_=d.random_flip, pca_noise=d.pca_noise,
       eigvecs=d.pca_eigvecs, stddevs=d.pca_stddevs,
       alpha_stddev=d.pca_alpha_stddev, antialias=d.resize_antialias,
-      antialias_above=d.train_antialias_above,
-      dct_method=d.train_dct_method, exact=d.train_exact_window)
+      antialias_above=d.train_antialias_above)
 
 
 def device_finish(config, mesh):
@@ -516,9 +514,10 @@ def steps_per_epoch(config, source=None, process_count=None):
   return steps
 
 
-def eval_iterator(config, mesh, ten_crop=False, *, process_index=None,
-                  process_count=None):
-  """Every validation example exactly once, then stops.
+def eval_iterator(config, mesh, ten_crop=False, *, split='eval',
+                  process_index=None, process_count=None):
+  """Every example of `split` ('eval': validation) exactly once, then stops,
+  preprocessed as for evaluation (central crop or ten crops).
 
   {'images': (B, crop, crop, 3) or (B, 10, crop, crop, 3) for ten_crop,
    'labels': int32 (B,), 'mask': float32 (B,), 1 real, 0 padding}. All
@@ -527,9 +526,10 @@ def eval_iterator(config, mesh, ten_crop=False, *, process_index=None,
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   local_batch = local_batch_size(config, mesh, pc)
-  source = get_source(config, 'eval', pi, pc)
-  num_batches = -(-(-(-source.total_examples // pc)) // local_batch)  # ceil(ceil(N/P)/b)
-  counter = SkipCounter('eval')
+  source = get_source(config, split, pi, pc)
+  per_process = -(-source.total_examples // pc)  # The largest share.
+  num_batches = -(-per_process // local_batch)
+  counter = SkipCounter(split)
   d = config.data
   view = ((10,) if ten_crop else ()) + (d.crop_size, d.crop_size, 3)
 

@@ -36,20 +36,16 @@ def decode_and_resize(image_bytes, resize_size=256, antialias=True):
   only that square is decoded (`decode_and_crop_jpeg`); other formats (PNG in
   a user's folder) are decoded whole and then cropped.
   """
-  def square(h, w):
-    s = tf.minimum(h, w)
-    return (h - s) // 2, (w - s) // 2, s
-
   def jpeg():
     shape = tf.image.extract_jpeg_shape(image_bytes)
-    oy, ox, s = square(shape[0], shape[1])
+    oy, ox, s = _square(shape[0], shape[1])
     return tf.image.decode_and_crop_jpeg(
         image_bytes, tf.stack([oy, ox, s, s]), channels=3)
 
   def other():
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     shape = tf.shape(image)
-    oy, ox, s = square(shape[0], shape[1])
+    oy, ox, s = _square(shape[0], shape[1])
     return image[oy:oy + s, ox:ox + s]
 
   image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
@@ -157,8 +153,7 @@ def _repeat_edges(img):
 
 
 def decode_crop_resize(image_bytes, offsets, flip, *, resize_size, crop_size,
-                       antialias=True, antialias_above=2.0, dct_method='',
-                       exact=True):
+                       antialias=True, antialias_above=2.0):
   """Encoded image -> the (crop, crop, 3) float32 window at `offsets` of the
   resize_size square (flipped if `flip`), without making the square.
 
@@ -180,8 +175,8 @@ def decode_crop_resize(image_bytes, offsets, flip, *, resize_size, crop_size,
       the window, which holds its whole support.
   Pixels next to the window's edge may differ slightly because the JPEG
   decoder upsamples chroma within the decoded window only (as for the
-  central square in decode_and_resize). The flip is free: crop_and_resize
-  samples the box right to left.
+  central square in decode_and_resize). On the bilinear path the flip is
+  free: crop_and_resize samples the box right to left.
   """
   def geometry(h, w):
     oy, ox, s = _square(h, w)
@@ -199,8 +194,7 @@ def decode_crop_resize(image_bytes, offsets, flip, *, resize_size, crop_size,
     shape = tf.image.extract_jpeg_shape(image_bytes)
     oy, ox, k, smooth, wy, wx = geometry(shape[0], shape[1])
     window = tf.stack([oy + wy[0], ox + wx[0], wy[1], wx[1]])
-    kw = {'dct_method': dct_method} if dct_method else {}
-    img = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3, **kw)
+    img = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
     return img, k, smooth, wy, wx
 
   def decode_other():
@@ -226,18 +220,6 @@ def decode_crop_resize(image_bytes, offsets, flip, *, resize_size, crop_size,
     return tf.image.crop_and_resize(padded[None], box[None], [0],
                                     [crop_size, crop_size])[0]
 
-  def fast():
-    # The integer window nearest the crop's footprint, resized whole.
-    ly, ny, lx, nx = (tf.cast(tf.round(v), tf.int32) for v in (
-        wy[2] + 0.5 - 0.5 / k, (wy[3] - wy[2]) + 1.0 / k,
-        wx[2] + 0.5 - 0.5 / k, (wx[3] - wx[2]) + 1.0 / k))
-    ly = tf.clip_by_value(ly, 0, wy[1] - 1)
-    lx = tf.clip_by_value(lx, 0, wx[1] - 1)
-    w = img[ly:ly + tf.maximum(ny, 1), lx:lx + tf.maximum(nx, 1)]
-    w = tf.cond(flip, lambda: w[:, ::-1], lambda: w)
-    return tf.compat.v1.image.resize_bilinear(
-        w[None], [crop_size, crop_size], half_pixel_centers=True)[0]
-
   def smoothed():
     # Output j samples window coordinate (j + 0.5 - t) / k (centre units).
     ty = k * tf.cast(wy[0], tf.float32) - tf.cast(offsets[0], tf.float32)
@@ -249,13 +231,13 @@ def decode_crop_resize(image_bytes, offsets, flip, *, resize_size, crop_size,
     return tf.cond(flip, lambda: out[:, ::-1], lambda: out)
 
   # Both filters have non-negative weights summing to 1: no clipping needed.
-  return tf.cond(smooth, smoothed, bilinear if exact else fast)
+  return tf.cond(smooth, smoothed, bilinear)
 
 
 def train_example(image_bytes, seed, *, mean, resize_size, crop_size,
                   random_flip_=True, pca_noise=True, eigvecs=None,
                   stddevs=None, alpha_stddev=0.1, antialias=True,
-                  antialias_above=2.0, dct_method='', exact=True):
+                  antialias_above=2.0):
   """The per-example part of the train augmentation, kept in uint8.
 
   Returns (image, offsets, flip, shift): image (crop, crop, 3) uint8, the
@@ -274,7 +256,7 @@ def train_example(image_bytes, seed, *, mean, resize_size, crop_size,
   image = decode_crop_resize(
       image_bytes, offsets, flip, resize_size=resize_size,
       crop_size=crop_size, antialias=antialias,
-      antialias_above=antialias_above, dct_method=dct_method, exact=exact)
+      antialias_above=antialias_above)
   image = tf.cast(image + 0.5, tf.uint8)  # Rounded; values are in [0, 255].
   mean = np.asarray(mean, np.float32)
   shift = tf.constant(mean if mean.ndim == 1 else np.zeros(3, np.float32))

@@ -102,22 +102,7 @@ def to_pixels(config, images) -> np.ndarray:
 def unaugmented_train_batches(config, mesh):
   """Every training image once, in the split's order: the central crop as
   in evaluation (no flips, no PCA noise), as global batches with a mask."""
-  pi, pc = jax.process_index(), jax.process_count()
-  local_batch = input_pipeline.local_batch_size(config, mesh, pc)
-  source = input_pipeline.get_source(config, 'train', pi, pc)
-  num_batches = -(-(-(-source.total_examples // pc)) // local_batch)
-  n = 0
-  view = (config.data.crop_size, config.data.crop_size, 3)
-  for x, l, m in input_pipeline.eval_dataset(
-      config, source, local_batch).as_numpy_iterator():
-    n += 1
-    yield input_pipeline._to_global(mesh, {'images': x, 'labels': l,  # pylint: disable=protected-access
-                                           'mask': m})
-  for _ in range(n, num_batches):  # Processes with fewer records pad.
-    yield input_pipeline._to_global(mesh, {  # pylint: disable=protected-access
-        'images': np.zeros((local_batch,) + view, np.float32),
-        'labels': np.zeros((local_batch,), np.int32),
-        'mask': np.zeros((local_batch,), np.float32)})
+  return input_pipeline.eval_iterator(config, mesh, split='train')
 
 
 def _merge(best_d2, best_images, queries, features, images, mask):

@@ -162,10 +162,6 @@ def main():
           lambda: per_image(jpegs, train()),
       '... + float step on the host (train_finish in tf.data)':
           lambda: per_image(jpegs, train(), finish),
-      '... nearest whole-pixel window (train_exact_window=False)':
-          lambda: per_image(jpegs, train(train_exact_window=False)),
-      "... dct_method='INTEGER_FAST'":
-          lambda: per_image(jpegs, train(train_dct_method='INTEGER_FAST')),
       'pre-resized 256: bare decode': lambda: per_image(small, decode),
       'pre-resized 256: train augmentation': lambda: per_image(small, train()),
   }

@@ -137,20 +137,15 @@ def get_config(variant: str = ''):
   # plain bilinear at the same sampling points otherwise (alexnet_jax/
   # preprocess.py decode_crop_resize; docs/BENCHMARKS_input.md).
   d.train_antialias_above = 2.0
-  # True: bilinear at exactly the resize-then-crop sampling points
-  # (crop_and_resize); False: resize the nearest whole-pixel window (<= 0.5
-  # source pixel off, faster).
-  d.train_exact_window = True
-  # JPEG IDCT for train decoding: '' (libjpeg default), 'INTEGER_FAST'
-  # (faster, slightly less accurate) or 'INTEGER_ACCURATE'.
-  d.train_dct_method = ''
   # A pre-resized copy (the paper's trick) written by `python -m
   # alexnet_jax.prepare --config=... --out=DIR`; '' reads the dataset itself.
   d.prepared_dir = ''
   # Records are shuffled inside fixed windows of this many (after permuting
   # the shards each epoch), so a restart can jump to any step cheaply.
   d.shuffle_buffer = 10_000
-  d.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE.
+  # Batches decoded in parallel (each by one of that many workers); -1: one
+  # per CPU core.
+  d.num_parallel_calls = -1
   d.prefetch = 2  # Global batches prepared ahead of the step.
   # dataset='demo': generated ILSVRC2012-format archives (alexnet_jax/
   # demo_data.py), one shape/pattern kind per class, varied images.

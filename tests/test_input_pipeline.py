@@ -142,14 +142,18 @@ def test_empty_class_folder(tmp_path):
 def test_mean_image_is_used(demo_dir, tmp_path):
   c = demo_config(demo_dir, batch_size=8)
   path = str(tmp_path / 'mean.npy')
-  np.save(path, np.full((64, 64, 3), 7.0, np.float32))
+  r, k = c.data.resize_size, c.data.crop_size
+  mean = np.random.default_rng(0).uniform(0, 50, (r, r, 3)).astype(np.float32)
+  np.save(path, mean)
   c.data.mean_image_path = path
   src = ip.get_source(c, 'eval', 0, 1)
   with_mean = next(ip.eval_dataset(c, src, 8).as_numpy_iterator())[0]
   c.data.mean_image_path = ''
   c.data.channel_means = (0.0, 0.0, 0.0)
   raw = next(ip.eval_dataset(c, src, 8).as_numpy_iterator())[0]
-  np.testing.assert_allclose(with_mean, raw - 7.0, atol=1e-4)
+  o = (r - k) // 2  # The centre crop sees the mean image's central crop.
+  np.testing.assert_allclose(with_mean, raw - mean[o:o + k, o:o + k],
+                             atol=1e-4)
 
 
 def test_device_finish_equals_train_finish(demo_dir, tmp_path):
