@@ -451,25 +451,46 @@ def _to_global(mesh, batch):
 
 
 def prefetch(iterator, size):
-  """Runs `iterator` in a background thread, `size` items ahead."""
+  """Runs `iterator` in a background thread, `size` items ahead.
+
+  Closing the returned generator (or dropping it) stops the thread once it
+  has finished the item in hand, so that no thread is left inside
+  TensorFlow or JAX when the program exits.
+  """
   if size <= 0:
     yield from iterator
     return
   q = queue.Queue(maxsize=size)
   end = object()
+  stop = threading.Event()
+
+  def put(item):
+    while not stop.is_set():
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
 
   def work():
     try:
       for item in iterator:
-        q.put(item)
-      q.put(end)
+        if not put(item):
+          return
+      put(end)
     except Exception as e:  # pylint: disable=broad-except
-      q.put(e)
-  threading.Thread(target=work, daemon=True).start()
-  while (item := q.get()) is not end:
-    if isinstance(item, Exception):
-      raise item
-    yield item
+      put(e)
+  thread = threading.Thread(target=work, daemon=True)
+  thread.start()
+  try:
+    while (item := q.get()) is not end:
+      if isinstance(item, Exception):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    thread.join()
 
 
 def train_iterator(config, mesh, start_step=0, *, process_index=None,

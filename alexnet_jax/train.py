@@ -357,6 +357,31 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   last_val = {}
   current_lr = None
   t_log, step_log = time.time(), start_step
+
+  def finish(step, metrics):
+    """A step's metrics to the host: the divergence check and the log."""
+    nonlocal t_log, step_log
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _check_finite(step, metrics)
+    if cadence(step, every_steps=config.log_every_steps, first=True,
+               last=True):
+      dt = time.time() - t_log
+      steps_per_sec = (step - step_log) / max(dt, 1e-9)
+      log.write(step, 'train', {
+          **metrics, 'images_per_sec': steps_per_sec * config.batch_size,
+          'epoch': step / steps_per_epoch})
+      logging.info(
+          'step %d/%d  epoch %.2f  %.2f steps/s  ETA %s  loss %.4f  top-1 '
+          'error %.2f%%  lr %g', step, total_steps, step / steps_per_epoch,
+          steps_per_sec, _fmt_time((total_steps - step) / steps_per_sec),
+          metrics['loss'], 100 * metrics['top1_error'],
+          metrics['learning_rate'])
+      t_log, step_log = time.time(), step
+
+  # A step's metrics are fetched while the next step runs (no per-step wait
+  # for the device), except where the host acts on that step: logging,
+  # evaluation, a checkpoint (never of a diverged state), the end.
+  pending = None
   try:
     with Preemption() as preemption:
       for step in range(start_step + 1, total_steps + 1):
@@ -372,36 +397,28 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
               state.opt_state, lr))
           current_lr = lr
         state, metrics = train_step(state, batch)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(step, metrics)
-
-        if cadence(step, every_steps=config.log_every_steps, first=True,
-                   last=True):
-          dt = time.time() - t_log
-          steps_per_sec = (step - step_log) / max(dt, 1e-9)
-          log.write(step, 'train', {
-              **metrics, 'images_per_sec': steps_per_sec * config.batch_size,
-              'epoch': step / steps_per_epoch})
-          logging.info(
-              'step %d/%d  epoch %.2f  %.2f steps/s  ETA %s  loss %.4f  top-1 '
-              'error %.2f%%  lr %g', step, total_steps, step / steps_per_epoch,
-              steps_per_sec, _fmt_time((total_steps - step) / steps_per_sec),
-              metrics['loss'], 100 * metrics['top1_error'],
-              metrics['learning_rate'])
-          t_log, step_log = time.time(), step
+        if pending:
+          finish(*pending)
+        pending = (step, metrics)
+        do_eval = cadence(step, every_steps=config.eval.every_steps,
+                          every_epochs=config.eval.every_epochs, first=True,
+                          last=True)
+        stop = preemption.stop_now(step)
+        do_save = stop or cadence(
+            step, every_steps=config.checkpoint.every_steps,
+            every_epochs=config.checkpoint.every_epochs, last=True)
+        if do_eval or do_save or cadence(
+            step, every_steps=config.log_every_steps, first=True, last=True):
+          finish(*pending)
+          pending = None
 
         val_error = None
-        if cadence(step, every_steps=config.eval.every_steps,
-                   every_epochs=config.eval.every_epochs, first=True,
-                   last=True):
+        if do_eval:
           last_val = run_eval(step)
           val_error = last_val['top1_error']
           schedule.observe(step, val_error)
 
-        stop = preemption.stop_now(step)
-        if stop or cadence(step, every_steps=config.checkpoint.every_steps,
-                           every_epochs=config.checkpoint.every_epochs,
-                           last=True):
+        if do_save:
           checkpoint_lib.save(manager, state,
                               {'schedule': schedule.state_dict()}, val_error)
         if stop:
@@ -417,6 +434,7 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
                        os.path.join(workdir, run_outputs.FIGURES),
                        time.time() - t0)
   finally:  # In-flight saves complete, even on DivergenceError.
+    train_iter.close()  # Stops its prefetch thread.
     manager.wait_until_finished()
     manager.close()
     log.close()

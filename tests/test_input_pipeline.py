@@ -1,5 +1,7 @@
 """The pipeline on the demo data through tfds's imagenet2012 builder."""
 import os
+import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -173,3 +175,24 @@ def test_device_finish_equals_train_finish(demo_dir, tmp_path):
   want = pp.train_finish(*x, mean=mean).numpy()
   assert got.sharding.spec == ip.P('data')
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+def test_prefetch_stops_its_thread_when_closed():
+  """A closed prefetcher leaves no thread running (none left inside
+  TensorFlow or JAX at exit) and stops pulling from its source."""
+  produced = []
+
+  def source():
+    i = 0
+    while True:
+      produced.append(i)
+      yield i
+      i += 1
+  before = threading.active_count()
+  it = ip.prefetch(source(), 2)
+  assert [next(it) for _ in range(3)] == [0, 1, 2]
+  it.close()
+  assert threading.active_count() == before
+  n = len(produced)
+  time.sleep(0.3)
+  assert len(produced) == n <= 3 + 2 + 1

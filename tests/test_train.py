@@ -66,7 +66,13 @@ def test_train_and_evaluate_end_to_end(data_dir, tmp_path):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
 
 
-def test_divergence_names_the_step_and_keeps_last_good(data_dir, tmp_path):
+# Checked at once (a log and a save every step), or one step late: step 4
+# neither logs nor saves, so its metrics are fetched while step 5 runs, and
+# step 5's checkpoint must still not be written.
+@pytest.mark.parametrize('every', [1, 5], ids=['checked_at_once',
+                                               'checked_next_step'])
+def test_divergence_names_the_step_and_keeps_last_good(data_dir, tmp_path,
+                                                       every):
   workdir = str(tmp_path)
   train.train_and_evaluate(
       th.tiny_config(data_dir, total_steps=3,
@@ -74,7 +80,9 @@ def test_divergence_names_the_step_and_keeps_last_good(data_dir, tmp_path):
                         'eval.every_steps': 0}), workdir)
   # Resume with an absurd learning rate: the first update overflows.
   config = th.tiny_config(data_dir, total_steps=8,
-                          **{'checkpoint.every_steps': 1,
+                          **{'checkpoint.every_steps': every,
+                             'log_every_steps': every,
+                             'eval.every_steps': 0,
                              'optim.learning_rate': 1e30})
   with pytest.raises(train.DivergenceError, match='at step 4'):
     train.train_and_evaluate(config, workdir)
