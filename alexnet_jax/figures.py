@@ -7,9 +7,9 @@ training curves, as uint8 RGB arrays (H, W, 3) ready for PNG or TensorBoard.
   kernels on GPU 1 are largely color-agnostic, while the kernels on GPU 2 are
   largely color-specific").
 - `top5_figure`: Figure 4 left, each image with its top-5 classes.
-- `fc7_features`, `nearest_neighbours`, `neighbours_figure`: Figure 4 right,
-  the training images closest to a test image in fc7 space, found in one
-  streaming pass over the training split.
+- `fc7_function`, `neighbours_figure`: Figure 4 right, the training images
+  closest to a test image in fc7 space (the streaming search over the
+  training split is `run_outputs.nearest_neighbour_figure`).
 - `training_curves`, `curves_from_workdir`: loss, error and learning rate.
 
 Plots draw on matplotlib's Agg canvas directly (no pyplot, no display).
@@ -18,15 +18,14 @@ Plots draw on matplotlib's Agg canvas directly (no pyplot, no display).
 import dataclasses
 import functools
 import glob
-import io
 import json
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -68,12 +67,6 @@ def save_png(path: str, image) -> None:
     x = np.round(255 * np.clip(x, 0, 1)).astype(np.uint8)
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   Image.fromarray(x).save(path, format='PNG')
-
-
-def png_bytes(image) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format='PNG')
-  return buf.getvalue()
 
 
 def write_to_tensorboard(writer, step: int, images: Mapping[str, np.ndarray]):
@@ -290,70 +283,6 @@ def fc7_function(model, mesh=None):
         out_specs=P(mesh_lib.DATA, mesh_lib.TOWER))(params, images)
 
   return jax.jit(sharded)
-
-
-def fc7_features(model, params, images, mesh=None) -> jax.Array:
-  """fc7 activations of `images` (inference mode, no dropout)."""
-  return fc7_function(model, mesh)(params, images)
-
-
-@jax.jit
-def _merge_top_k(best_d2, best_idx, queries, candidates, offset, num_valid):
-  """Running top-k (smallest squared distance) merged with one batch."""
-  q2 = jnp.sum(queries * queries, axis=1, keepdims=True)
-  c2 = jnp.sum(candidates * candidates, axis=1)
-  cross = jnp.dot(queries, candidates.T, precision=jax.lax.Precision.HIGHEST)
-  d2 = jnp.maximum(q2 - 2 * cross + c2[None], 0.0)
-  position = jnp.arange(candidates.shape[0])
-  d2 = jnp.where(position[None] < num_valid, d2, jnp.inf)  # padding
-  idx = jnp.broadcast_to(offset + position, d2.shape)
-  all_d2 = jnp.concatenate([best_d2, d2], axis=1)
-  all_idx = jnp.concatenate([best_idx, idx], axis=1)
-  neg, pick = jax.lax.top_k(-all_d2, best_d2.shape[1])
-  return -neg, jnp.take_along_axis(all_idx, pick, axis=1)
-
-
-def _candidates(batch, rows: int, mesh):
-  """The batch as float32, zero-padded to `rows` rows (masked out later), and
-  split over the mesh's 'data' axis if there is one."""
-  batch = jnp.asarray(batch, jnp.float32)
-  if rows > batch.shape[0]:
-    batch = jnp.pad(batch, ((0, rows - batch.shape[0]), (0, 0)))
-  if mesh is None:
-    return batch
-  return jax.device_put(batch, NamedSharding(mesh, P(mesh_lib.DATA)))
-
-
-def nearest_neighbours(query_features, train_feature_batches: Iterable,
-                       k: int, mesh=None) -> Tuple[np.ndarray, np.ndarray]:
-  """The k training examples closest to each query in Euclidean distance.
-
-  query_features (Q, D); train_feature_batches yields (B_i, D) arrays, e.g.
-  fc7_features of the training split batch by batch. Memory is one batch plus
-  a running (Q, k) top-k. Returns indices (Q, k) into the concatenated
-  stream (0 = first example of the first batch) and distances (Q, k), nearest
-  first; ties keep the earlier example. With a mesh each batch is split over
-  its 'data' axis. Batches are padded to the largest size seen so far (and a
-  multiple of the data axis), so a pass with one batch size and a short last
-  batch compiles once. Distances use |q|^2 - 2 q.x + |x|^2 in float32 at full
-  matmul precision: an exact duplicate's distance is 0 up to rounding.
-  """
-  queries = jnp.asarray(query_features, jnp.float32)
-  best_d2 = jnp.full((queries.shape[0], k), jnp.inf, jnp.float32)
-  best_idx = jnp.full((queries.shape[0], k), -1, jnp.int32)
-  offset, rows = 0, 0
-  data = 1 if mesh is None else mesh.shape[mesh_lib.DATA]
-  for batch in train_feature_batches:
-    n = len(batch)
-    rows = max(rows, n + -n % data)
-    candidates = _candidates(batch, rows, mesh)
-    best_d2, best_idx = _merge_top_k(best_d2, best_idx, queries, candidates,
-                                     jnp.int32(offset), jnp.int32(n))
-    offset += n
-  if offset < k:
-    raise ValueError(f'Asked for k={k} neighbours of {offset} examples.')
-  best_d2, best_idx = jax.device_get((best_d2, best_idx))
-  return best_idx.astype(np.int64), np.sqrt(best_d2)
 
 
 def neighbours_figure(query_images, neighbour_images, gap: int = 2,

@@ -1,6 +1,5 @@
 """Figures 3 and 4, the tower-specialisation measure and training curves."""
 
-import io
 import json
 
 import jax
@@ -11,6 +10,7 @@ from PIL import Image
 
 from alexnet_jax import figures
 from alexnet_jax import mesh as mesh_lib
+from alexnet_jax import run_outputs
 from alexnet_jax.model import AlexNet
 
 RNG = np.random.default_rng(0)
@@ -123,43 +123,45 @@ def tiny_net():
 
 def test_fc7_features_are_what_fc8_reads(tiny_net):
   model, params, images = tiny_net
-  feats = figures.fc7_features(model, params, images)
+  feats = figures.fc7_function(model)(params, images)
   assert feats.shape == (8, 2 * 8)  # two towers of 64 * 0.125
   w8 = jnp.concatenate(list(params['fc8']['kernel']), axis=0)  # tower order
   logits = jax.jit(model.apply)({'params': params}, images)
   np.testing.assert_allclose(feats @ w8 + params['fc8']['bias'], logits,
                              rtol=1e-4, atol=1e-4)
   mesh = mesh_lib.make_mesh(2)  # (data=4, tower=2) on 8 CPU devices
-  np.testing.assert_allclose(
-      figures.fc7_features(model, params, images, mesh=mesh), feats,
-      rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(figures.fc7_function(model, mesh)(params, images),
+                             feats, rtol=1e-5, atol=1e-5)
 
 
-def test_nearest_neighbour_of_a_training_image_is_itself(tiny_net):
-  model, params, images = tiny_net
-  train = np.array(figures.fc7_features(model, params, images))
-  train += RNG.normal(size=train.shape) * 1e-3  # distinct under ReLU zeros
-  batches = [train[:3], train[3:5], train[5:]]
-  idx, dist = figures.nearest_neighbours(train[[6, 1]], batches, k=3)
-  np.testing.assert_array_equal(idx[:, 0], [6, 1])
-  np.testing.assert_allclose(dist[:, 0], 0, atol=1e-2)
-  assert (dist[:, 1:] > dist[:, :1]).all()
-
-
-@pytest.mark.parametrize('sharded', [False, True])
-def test_streaming_top_k_equals_brute_force(sharded):
-  train = RNG.normal(size=(50, 32)).astype(np.float32)
-  queries = RNG.normal(size=(5, 32)).astype(np.float32)
-  sizes = [7, 16, 1, 20, 6]  # uneven, none a multiple of the data axis
-  batches = np.split(train, np.cumsum(sizes)[:-1])
-  mesh = mesh_lib.make_mesh(2) if sharded else None
-  idx, dist = figures.nearest_neighbours(queries, iter(batches), k=4,
-                                         mesh=mesh)
+def test_streaming_nearest_images_equal_brute_force():
+  """run_outputs._merge over uneven, padded batches keeps, for each query,
+  the images of the k nearest training examples, nearest first; each
+  "image" here holds its example's index, so the kept ones can be read."""
+  rng = np.random.default_rng(3)
+  train = rng.normal(size=(50, 32)).astype(np.float32)
+  queries = rng.normal(size=(5, 32)).astype(np.float32)
+  queries[2] = train[17]  # A training image is its own nearest neighbour.
+  k, start = 4, 0
+  best_d2 = jnp.full((5, k), jnp.inf)
+  best = jnp.zeros((5, k, 1, 1, 1))
+  for size in (7, 16, 1, 20, 6):
+    rows = 20  # Padded to one batch size; padding masked out.
+    feats = np.zeros((rows, 32), np.float32)
+    feats[:size] = train[start:start + size]
+    index = np.zeros((rows, 1, 1, 1), np.float32)
+    index[:size, 0, 0, 0] = np.arange(start, start + size)
+    mask = (np.arange(rows) < size).astype(np.float32)
+    best_d2, best = run_outputs._merge(best_d2, best, queries, feats, index,  # pylint: disable=protected-access
+                                       mask)
+    start += size
   d = np.linalg.norm(queries[:, None] - train[None], axis=-1)
-  expected = np.argsort(d, axis=1)[:, :4]
-  np.testing.assert_array_equal(idx, expected)
-  np.testing.assert_allclose(dist, np.take_along_axis(d, expected, 1),
-                             rtol=1e-4, atol=1e-4)
+  expected = np.argsort(d, axis=1)[:, :k]
+  np.testing.assert_array_equal(np.asarray(best)[:, :, 0, 0, 0], expected)
+  np.testing.assert_allclose(np.sqrt(best_d2), np.take_along_axis(d, expected,
+                                                                  1),
+                             rtol=1e-4, atol=1e-3)
+  assert expected[2, 0] == 17
 
 
 def test_neighbours_figure():
@@ -218,5 +220,3 @@ def test_png_round_trip(tmp_path):
   path = tmp_path / 'sub' / 'kernels.png'
   figures.save_png(str(path), image)
   np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
-  np.testing.assert_array_equal(
-      np.asarray(Image.open(io.BytesIO(figures.png_bytes(image)))), image)
