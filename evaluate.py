@@ -90,7 +90,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not _WORKDIRS.value:
     raise app.UsageError('Give --workdir=DIR (repeat it for an ensemble).')
-  overrides = dict(flags.FLAGS['config'].override_values)
+  overrides = config_flags.get_override_values(flags.FLAGS['config'])
   results = evaluate.evaluate_runs(
       _WORKDIRS.value, checkpoint=_CHECKPOINT.value, crops=_CROPS.value,
       mesh_shape=_mesh_shape(_MESH.value), overrides=overrides)

@@ -45,7 +45,6 @@ from alexnet_jax import train_step as train_step_lib
 CROPS = ('center', 'ten')
 CROP_NAMES = {'center': 'centre crop', 'ten': '10 crops'}
 RESULTS_FILE = 'eval_results.json'
-CHECKPOINTS = ('latest', 'best')  # Or a step number.
 
 # ILSVRC-2012 validation error, PAPER.md "Results to compare against" (the
 # paper's Table 2 and §6; cuda-convnet2 for the centre crop, PAPER.md §4.1).
@@ -104,7 +103,9 @@ def load_config(workdir: str, overrides: Optional[Dict[str, Any]] = None
     logging.info('%s predates config fields %s: using their defaults.',
                  workdir, ', '.join(added))
   if overrides:
+    config.lock()  # A misspelt field fails instead of being added.
     config.update_from_flattened_dict(dict(overrides))
+    config.unlock()
   return config
 
 

@@ -307,7 +307,7 @@ def neighbours_figure(query_images, neighbour_images, gap: int = 2,
 
 
 # ---------------------------------------------------------- training curves
-# Panels of `training_curves`: the metric names trainer.MetricsLog writes as
+# Panels of `training_curves`: the metric names train.MetricsLog writes as
 # '{split}/{name}' scalars.
 CURVE_PANELS = (('loss', ('loss',)), ('error', ('top1_error', 'top5_error')),
                 ('learning rate', ('learning_rate',)))

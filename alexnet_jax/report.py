@@ -88,9 +88,9 @@ def epochs_to_error(points: Sequence[Tuple[float, float]],
   return None
 
 
-def run_summary(workdir: str, with_checkpoint: bool = True) -> Dict[str, Any]:
+def run_summary(workdir: str) -> Dict[str, Any]:
   """One workdir's row: sweep.json, final errors, Figure 1 measure,
-  parameters, traffic and (with_checkpoint) tower colour specificity."""
+  parameters, traffic and the towers' colour specificity."""
   from alexnet_jax import audit  # pylint: disable=g-import-not-at-top
   from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
   from alexnet_jax import figures  # pylint: disable=g-import-not-at-top
@@ -131,15 +131,14 @@ def run_summary(workdir: str, with_checkpoint: bool = True) -> Dict[str, Any]:
       'exchange_bytes_per_image': traffic,
       'history': history,
   }
-  if with_checkpoint:
-    mesh = evaluate.make_mesh(config, (1, 1))
-    _, params, _ = evaluate.restore_params(config, workdir, mesh, 'latest')
-    stats = figures.tower_specialisation(params)
-    row['colour_specificity'] = {t: s['mean'] for t, s in stats.items()}
+  mesh = evaluate.make_mesh(config, (1, 1))
+  _, params, _ = evaluate.restore_params(config, workdir, mesh, 'latest')
+  stats = figures.tower_specialisation(params)
+  row['colour_specificity'] = {t: s['mean'] for t, s in stats.items()}
   return row
 
 
-def collect(root: str, with_checkpoint: bool = True) -> List[Dict[str, Any]]:
+def collect(root: str) -> List[Dict[str, Any]]:
   """run_summary of every finished sweep workdir under `root`, in
   VARIANTS order (unfinished ones are skipped, with a warning)."""
   dirs = sorted(os.path.dirname(p) for p in
@@ -155,7 +154,7 @@ def collect(root: str, with_checkpoint: bool = True) -> List[Dict[str, Any]]:
       logging.warning('Skipping %s: its run has not finished (still '
                       'training, or interrupted: rerun python sweep.py).', d)
       continue
-    rows.append(run_summary(d, with_checkpoint))
+    rows.append(run_summary(d))
   if not rows:
     raise ValueError(f'No sweep workdir under {root} has finished yet.')
   return sorted(rows, key=lambda r: (order.index(r['variant'])
@@ -195,8 +194,7 @@ def aggregate(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         # Not reached in some seed: reported as not reached.
         'epochs_to_25': None if None in reached else _mean(reached),
         'colour_specificity': {t: _mean([r['colour_specificity'].get(t)
-                                         for r in runs
-                                         if 'colour_specificity' in r])
+                                         for r in runs])
                                for t in towers},
     })
   base = next((a for a in out if a['variant'] == BASELINE), None)

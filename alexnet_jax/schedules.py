@@ -35,7 +35,7 @@ class PlateauState:
   best_error: float = math.inf
   evals_since_best: int = 0
   drops: int = 0
-  # Learning rate divided at these steps (for the logs).
+  # Learning rate divided at these steps (kept in checkpoints).
   drop_steps: Sequence[int] = ()
 
 

@@ -97,21 +97,6 @@ SHORT_RUN: Dict[str, Any] = {
 }
 
 
-def set_field(config, name: str, value):
-  """config.<dotted name> = value; a misspelt name fails with the field list."""
-  *parents, leaf = name.split('.')
-  node = config
-  for p in parents:
-    if p not in node:
-      raise KeyError(f'No config field {name!r} ({p!r} is not one of '
-                     f'{sorted(node.keys())}).')
-    node = node[p]
-  if leaf not in node:
-    raise KeyError(f'No config field {name!r} ({leaf!r} is not one of '
-                   f'{sorted(node.keys())}).')
-  node[leaf] = tuple(value) if isinstance(value, list) else value
-
-
 def workdir_name(variant: str, seed_index: int) -> str:
   return variant if seed_index == 0 else f'{variant}_seed{seed_index}'
 
@@ -127,15 +112,15 @@ def variant_config(name: str, overrides: Mapping[str, Any] = (),
                      f'{", ".join(VARIANTS)}.')
   v = VARIANTS[name]
   config = alexnet.get_config(v.config_variants)
+  config.lock()  # A misspelt field is a KeyError that names it.
   shared = dict(SHORT_RUN if short_run is None else short_run)
   shared.update(dict(overrides))
-  for field, value in shared.items():
-    set_field(config, field, value)
+  config.update_from_flattened_dict(shared)
   for field, value in v.overrides:
     if field in shared and shared[field] != value:
       logging.warning('Variant %s sets %s=%r over the shared override %r.',
                       name, field, value, shared[field])
-    set_field(config, field, value)
+  config.update_from_flattened_dict(dict(v.overrides))
   config.seed = config.seed + seed_index
   return config
 

@@ -14,8 +14,8 @@ Preemption. SIGTERM makes the run save a checkpoint after the step in flight
 and return normally (on many hosts jax's preemption service picks a step all
 hosts agree on).
 
-Divergence. A non-finite loss or parameter norm raises DivergenceError naming
-the step; the state is never saved, so the last good checkpoint stays the
+Divergence. A non-finite loss, gradient norm or parameter norm raises
+DivergenceError naming the step; the state is never saved, so the last good checkpoint stays the
 latest.
 
 Fine-tuning. With `config.init_from` (another run's workdir) a new run
@@ -100,24 +100,15 @@ def live_units(model, mesh, params, images) -> Dict[str, float]:
   """Fraction of fc6/fc7 ReLUs that fire for at least one image (§5 init).
 
   Runs the whole model on the mesh without dropout; the model sows each
-  hidden fc layer's tower activations as 'intermediates' `<layer>_features`
-  (or, failing that, every activation's output is captured: fc6's and fc7's
-  are the last 2 x num_towers).
+  hidden fc layer's tower activations as 'intermediates' `<layer>_features`.
   """
-  towers = model.num_towers
 
   def fractions(params, images):
     _, state = model.apply({'params': params}, images,
-                           capture_intermediates=lambda m, n: n == '_act',
                            mutable=['intermediates'])
     inter = state['intermediates']
-    if 'fc6_features' in inter:
-      groups = {l: inter[f'{l}_features'][0] for l in ('fc6', 'fc7')}
-    else:
-      acts = inter['_act']
-      groups = {'fc6': acts[-2 * towers:-towers], 'fc7': acts[-towers:]}
-    return {l: (jnp.concatenate(g, axis=-1) > 0).any(axis=0).mean()
-            for l, g in groups.items()}
+    return {l: (jnp.concatenate(inter[f'{l}_features'][0], axis=-1) > 0).any(
+        axis=0).mean() for l in ('fc6', 'fc7')}
 
   return jax.device_get(jax.jit(
       fractions, out_shardings=NamedSharding(mesh, P()))(params, images))
