@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import pytest
 
 from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import mesh as mesh_lib
@@ -19,11 +18,6 @@ from alexnet_jax import optimizer as optimizer_lib
 from alexnet_jax import train
 from alexnet_jax import train_step as train_step_lib
 from tests import train_helpers as th
-
-
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  return th.prepare_data(str(tmp_path_factory.getbasetemp() / 'demo_data'))
 
 
 def _restore_params(workdir, config, mesh=None):
@@ -72,7 +66,8 @@ def test_kill9_then_resume_is_bitwise_the_uninterrupted_run(data_dir,
   b, b_extra = _restore_params(broken, config)
   assert int(a.step) == int(b.step) == 10
   _assert_same_tree(a, b)  # Params, momentum, lr, rng: bit for bit.
-  assert a_extra == b_extra  # The plateau rule's state.
+  assert a_extra == b_extra  # The plateau rule's state ...
+  assert a_extra['schedule']['best_error'] is not None  # ... not a blank one.
   assert th.read_metrics(whole) == th.read_metrics(broken)
 
 

@@ -36,6 +36,10 @@ def test_train_step_collectives_on_2x2_mesh():
   local_batch = BATCH // 2
   expected = [(r['kind'], r['floats_per_tower'])
               for r in audit.exchange_table(model, SIZE)]
+  # By hand, per tower and image: pool2 5x5 maps x 32 kernels before conv3,
+  # pool5 2x2 x 32 before fc6, 16 fc6 units before fc7, 10 logits at fc8.
+  assert expected == [('all-gather', 800), ('all-gather', 128),
+                      ('all-gather', 16), ('all-reduce', 10)]
   assert sorted((c.kind, c.elements // local_batch // (
       2 if c.kind == 'all-gather' else 1)) for c in tower) == sorted(
           expected + [('reduce-scatter', n) for k, n in expected

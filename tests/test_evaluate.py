@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,11 +19,6 @@ from alexnet_jax import optimizer as optimizer_lib
 from alexnet_jax import train
 from alexnet_jax import train_step as train_step_lib
 from tests import train_helpers as th
-
-
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  return th.prepare_data(str(tmp_path_factory.getbasetemp() / 'demo_data'))
 
 
 @pytest.fixture(scope='module')
@@ -200,6 +196,17 @@ def test_best_checkpoint_is_the_lowest_validation_error(runs):
   finally:
     manager.close()
 
+  class Scored:  # Distinct saved errors: the lowest wins, ties the later.
+    directory = a
+    saved = {1: 0.3, 2: 0.1, 3: 0.2, 4: 0.1}
+    all_steps = lambda self: list(self.saved)
+    metrics = lambda self, step: {checkpoint_lib.VAL_ERROR: self.saved[step]}
+
+  assert evaluate.checkpoint_step(Scored(), 'best') == 4
+  # Saved errors outrank errors read elsewhere.
+  assert evaluate.checkpoint_step(Scored(), 'best',
+                                  {1: 0.0, 2: 0.9, 3: 0.9, 4: 0.9}) == 4
+
   class Unscored:  # Checkpoints saved without metrics (older runs).
     directory = a
     all_steps = lambda self: [1, 2]
@@ -209,3 +216,27 @@ def test_best_checkpoint_is_the_lowest_validation_error(runs):
   assert evaluate.checkpoint_step(Unscored(), 'best', {1: 0.5, 2: 0.4}) == 2
   with pytest.raises(ValueError, match='none is "best"'):
     evaluate.checkpoint_step(Unscored(), 'best', {3: 0.1})
+
+
+def test_top_k_rules_on_hand_made_scores():
+  """The one ranking rule, in jnp (train/eval steps) and numpy (ensembles),
+  with more classes than k: a label counts as top-k when fewer than k
+  classes score strictly higher (ties go to the label)."""
+  scores = np.array([
+      [0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 0: rank 0
+      [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05],  # label 6: rank 6
+      [0.2, 0.2, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0],  # label 4: rank 4
+      [0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0],  # label 4: rank 0 (tie)
+      [0.5, 0.2, 0.1, 0.1, 0.05, 0.04, 0.01, 0.0],  # label 5: rank 5
+  ], np.float32)
+  labels = np.array([0, 6, 4, 4, 5], np.int32)
+  top1 = train_step_lib.top_k_correct(jnp.asarray(scores), labels, 1)
+  top5 = train_step_lib.top_k_correct(jnp.asarray(scores), labels, 5)
+  np.testing.assert_array_equal(top1, [1, 0, 0, 1, 0])
+  np.testing.assert_array_equal(top5, [1, 0, 1, 1, 0])
+  m = evaluate.metrics(scores, labels)
+  assert m['top1_error'] == pytest.approx(3 / 5)
+  assert m['top5_error'] == pytest.approx(2 / 5)
+  assert m['count'] == 5
+  assert m["loss"] == pytest.approx(
+      -np.log(scores[np.arange(5), labels]).mean())

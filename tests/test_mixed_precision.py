@@ -35,6 +35,13 @@ def test_bfloat16_step_within_expected_error_of_float32():
   # Parameters and momentum stay float32.
   for leaf in jax.tree.leaves((s16.params, s16.opt_state)):
     assert leaf.dtype in (jnp.float32, jnp.int32, jnp.uint32), leaf.dtype
+  # Logits (and so the loss) come out of the bf16 network in float32.
+  assert m16['loss'].dtype == jnp.float32
+  model = AlexNet(num_classes=10, width_multiplier=0.25, fc_features=64,
+                  dtype='bfloat16')
+  images = jax.ShapeDtypeStruct((2, 99, 99, 3), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+  assert jax.eval_shape(model.apply, params, images).dtype == jnp.float32
   loss32, loss16 = float(m32['loss']), float(m16['loss'])
   assert abs(loss16 - loss32) <= 4 * BF16_EPS * loss32
   flat32 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(u32)])

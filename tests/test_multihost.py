@@ -15,11 +15,6 @@ from tests import train_helpers as th
 from tests.test_checkpoint import _restore_params
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  return th.prepare_data(str(tmp_path_factory.getbasetemp() / 'demo_data'))
-
-
 def _free_port():
   with socket.socket() as s:
     s.bind(('localhost', 0))
@@ -75,6 +70,8 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   m, s = th.read_metrics(multi), th.read_metrics(single)
   assert m.keys() == s.keys()
+  lines = lambda d: open(os.path.join(d, 'metrics.jsonl')).read().count('\n')
+  assert lines(multi) == lines(single)  # Process 1 appended nothing.
   for k in m:
     assert m[k]['loss'] == pytest.approx(s[k]['loss'], rel=1e-5)
   # One writer: one events file, and process 1 logged but wrote nothing.

@@ -16,11 +16,6 @@ from tests import train_helpers as th
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return th.prepare_data(str(tmp_path_factory.getbasetemp() / 'demo_data'))
-
-
-@pytest.fixture(scope='module')
 def source_run(data_dir, tmp_path_factory):
   """A tiny 4-class run with every figure on."""
   workdir = str(tmp_path_factory.mktemp('source'))

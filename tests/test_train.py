@@ -14,11 +14,6 @@ from alexnet_jax import train
 from tests import train_helpers as th
 
 
-@pytest.fixture(scope='session')
-def data_dir(tmp_path_factory):
-  return th.prepare_data(str(tmp_path_factory.getbasetemp() / 'demo_data'))
-
-
 def test_every_first_last_steps_epochs():
   run = dict(total_steps=10, steps_per_epoch=4)
   fired = lambda **k: [s for s in range(1, 11) if train.every(s, **run, **k)]

@@ -56,9 +56,14 @@ def test_sharded_steps_equal_reference_steps(shape):
           jax.random.fold_in(base_rng, i))
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
+    grad_norm = float(optax.tree.norm(grads))  # The last step's, global.
+    param_norm = float(optax.tree.norm(params))
     params = jax.device_get(params)
 
   assert float(metrics['loss']) == pytest.approx(float(loss), rel=1e-5)
+  # Norms over every tower's and shard's parameters, not one device's.
+  assert float(metrics['grad_norm']) == pytest.approx(grad_norm, rel=1e-4)
+  assert float(metrics['param_norm']) == pytest.approx(param_norm, rel=1e-5)
   got = dict(jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)))
   init = dict(jax.tree_util.tree_leaves_with_path(init_params))
   for path, want in jax.tree_util.tree_leaves_with_path(params):
