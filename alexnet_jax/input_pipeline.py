@@ -401,11 +401,9 @@ def device_finish(config, mesh):
   def finish(images, offsets, flips, shifts, mean):
     x = images.astype(jnp.float32) - shifts[:, None, None, :]
     if per_pixel:
-      def crop(o, f):
-        m = jax.lax.dynamic_slice(mean, (o[0], o[1], 0), (c, c, 3))
-        return jnp.where(f, m[:, ::-1], m)
-      x = x - jax.vmap(crop)(offsets, flips)
-    return x
+      crop = lambda o: jax.lax.dynamic_slice(mean, (o[0], o[1], 0), (c, c, 3))
+      x = x - jax.vmap(crop)(offsets)
+    return jnp.where(flips[:, None, None, None], x[:, :, ::-1], x)
   return lambda *parts: finish(*parts, mean)
 
 

@@ -152,13 +152,14 @@ def _repeat_edges(img):
   return tf.concat([img[:, :1], img, img[:, -1:]], 1)
 
 
-def decode_crop_resize(image_bytes, offsets, flip, *, resize_size, crop_size,
-                       antialias=True, antialias_above=2.0):
+def decode_crop_resize(image_bytes, offsets, *, resize_size, crop_size,
+                       antialias=True, antialias_above=2.0, as_uint8=False):
   """Encoded image -> the (crop, crop, 3) float32 window at `offsets` of the
-  resize_size square (flipped if `flip`), without making the square.
+  resize_size square, without making the square; rounded to uint8 if
+  `as_uint8`.
 
   The reference is decode_and_resize (central square, resize to 256) then a
-  crop at `offsets` (then a flip). Here the crop's sampling points are mapped
+  crop at `offsets`. Here the crop's sampling points are mapped
   back onto the decoded image and only the pixels they need are decoded
   (`decode_and_crop_jpeg` of that window) and resampled straight to
   crop x crop:
@@ -173,38 +174,46 @@ def decode_crop_resize(image_bytes, offsets, flip, *, resize_size, crop_size,
       of tf.image.resize (`ScaleAndTranslate` with the reference's scale and
       a translation), equal to the reference where the kernel lies inside
       the window, which holds its whole support.
+    * an image whose shorter side already is resize_size (the pre-resized
+      copies of alexnet_jax/prepare.py, as the paper stored its images): the
+      sampling points are whole pixels, so the crop is sliced out of the
+      decoded window with no resampling (with as_uint8, no float image is
+      made at all; equal to the reference bit for bit).
   Pixels next to the window's edge may differ slightly because the JPEG
   decoder upsamples chroma within the decoded window only (as for the
-  central square in decode_and_resize). On the bilinear path the flip is
-  free: crop_and_resize samples the box right to left.
+  central square in decode_and_resize).
   """
-  def geometry(h, w):
-    oy, ox, s = _square(h, w)
-    k = tf.cast(resize_size, tf.float32) / tf.cast(s, tf.float32)
-    smooth = tf.logical_and(tf.constant(bool(antialias)),
-                            k * antialias_above < 1.0)
-    radius = tf.where(smooth, 1.0 / k, 1.0)
-    wy = _window(offsets[0], s, resize_size, crop_size, radius)
-    wx = _window(offsets[1], s, resize_size, crop_size, radius)
-    return oy, ox, k, smooth, wy, wx
-
+  # Flat branches on the format and the filter, not nested conds.
   is_jpeg = tf.io.is_jpeg(image_bytes)
+  other = tf.cond(is_jpeg, lambda: tf.zeros([0, 0, 3], tf.uint8),
+                  lambda: tf.io.decode_image(image_bytes, channels=3,
+                                             expand_animations=False))
+  shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(image_bytes),
+                  lambda: tf.shape(other))
+  oy, ox, s = _square(shape[0], shape[1])
+  k = tf.cast(resize_size, tf.float32) / tf.cast(s, tf.float32)
+  smooth = tf.logical_and(tf.constant(bool(antialias)),
+                          k * antialias_above < 1.0)
+  radius = tf.where(smooth, 1.0 / k, 1.0)
+  wy = _window(offsets[0], s, resize_size, crop_size, radius)
+  wx = _window(offsets[1], s, resize_size, crop_size, radius)
+  y0, x0 = oy + wy[0], ox + wx[0]
+  img = tf.cond(
+      is_jpeg,
+      lambda: tf.image.decode_and_crop_jpeg(
+          image_bytes, tf.stack([y0, x0, wy[1], wx[1]]), channels=3),
+      lambda: other[y0:y0 + wy[1], x0:x0 + wx[1]])
 
-  def decode_jpeg():
-    shape = tf.image.extract_jpeg_shape(image_bytes)
-    oy, ox, k, smooth, wy, wx = geometry(shape[0], shape[1])
-    window = tf.stack([oy + wy[0], ox + wx[0], wy[1], wx[1]])
-    img = tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
-    return img, k, smooth, wy, wx
+  def rounded(out):
+    # Both filters have non-negative weights summing to 1: no clipping needed.
+    return tf.cast(out + 0.5, tf.uint8) if as_uint8 else out
 
-  def decode_other():
-    img = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
-    shape = tf.shape(img)
-    oy, ox, k, smooth, wy, wx = geometry(shape[0], shape[1])
-    img = img[oy + wy[0]:oy + wy[0] + wy[1], ox + wx[0]:ox + wx[0] + wx[1]]
-    return img, k, smooth, wy, wx
-
-  img, k, smooth, wy, wx = tf.cond(is_jpeg, decode_jpeg, decode_other)
+  def whole_pixels():
+    # k == 1: output pixel j is window pixel v_0 - lo + j, a whole number.
+    y, x = (tf.cast(tf.round(w[2]), tf.int32) for w in (wy, wx))
+    out = tf.ensure_shape(img[y:y + crop_size, x:x + crop_size],
+                          [crop_size, crop_size, 3])
+    return out if as_uint8 else tf.cast(out, tf.float32)
 
   def bilinear():
     # Points past the square's edge (upsampling only) clamp to it, as in
@@ -214,24 +223,22 @@ def decode_crop_resize(image_bytes, offsets, flip, *, resize_size, crop_size,
     pf = tf.cast(pad, tf.float32)
     hp = tf.cast(wy[1] - 1 + 2 * pad, tf.float32)  # (padded size) - 1.
     wp = tf.cast(wx[1] - 1 + 2 * pad, tf.float32)
-    x1, x2 = (wx[2] + pf) / wp, (wx[3] + pf) / wp
-    x1, x2 = tf.where(flip, x2, x1), tf.where(flip, x1, x2)
-    box = tf.stack([(wy[2] + pf) / hp, x1, (wy[3] + pf) / hp, x2])
-    return tf.image.crop_and_resize(padded[None], box[None], [0],
-                                    [crop_size, crop_size])[0]
+    box = tf.stack([(wy[2] + pf) / hp, (wx[2] + pf) / wp,
+                    (wy[3] + pf) / hp, (wx[3] + pf) / wp])
+    return rounded(tf.image.crop_and_resize(padded[None], box[None], [0],
+                                            [crop_size, crop_size])[0])
 
   def smoothed():
     # Output j samples window coordinate (j + 0.5 - t) / k (centre units).
     ty = k * tf.cast(wy[0], tf.float32) - tf.cast(offsets[0], tf.float32)
     tx = k * tf.cast(wx[0], tf.float32) - tf.cast(offsets[1], tf.float32)
-    out = tf.raw_ops.ScaleAndTranslate(
+    return rounded(tf.raw_ops.ScaleAndTranslate(
         images=img[None], size=[crop_size, crop_size], scale=tf.stack([k, k]),
         translation=tf.stack([ty, tx]), kernel_type='triangle',
-        antialias=True)[0]
-    return tf.cond(flip, lambda: out[:, ::-1], lambda: out)
+        antialias=True)[0])
 
-  # Both filters have non-negative weights summing to 1: no clipping needed.
-  return tf.cond(smooth, smoothed, bilinear)
+  branch = tf.where(tf.equal(k, 1.0), 0, tf.where(smooth, 2, 1))
+  return tf.switch_case(branch, [whole_pixels, bilinear, smoothed])
 
 
 def train_example(image_bytes, seed, *, mean, resize_size, crop_size,
@@ -241,11 +248,13 @@ def train_example(image_bytes, seed, *, mean, resize_size, crop_size,
   """The per-example part of the train augmentation, kept in uint8.
 
   Returns (image, offsets, flip, shift): image (crop, crop, 3) uint8, the
-  random crop of the resized square (flipped), rounded to 8 bits; offsets
-  (2,) int32, the crop's position in the square; flip, bool; shift (3,)
-  float32, the per-channel mean (when `mean` is per channel, else 0) minus
-  the PCA lighting offset. `train_finish` turns a batch of these into the
-  augmented float images: image - mean crop - shift. Same random draws as
+  random crop of the resized square, rounded to 8 bits, not yet flipped;
+  offsets (2,) int32, the crop's position in the square; flip, bool; shift
+  (3,) float32, the per-channel mean (when `mean` is per channel, else 0)
+  minus the PCA lighting offset. `train_finish` turns a batch of these into
+  the augmented float images: image - mean crop - shift, mirrored where
+  `flip` (a uint8 mirror here costs more than the decode of a pre-resized
+  image; in the batched float step it is free). Same random draws as
   `train_preprocess_reference` for the same seed.
   """
   seeds = tf.random.experimental.stateless_split(seed, 3)
@@ -254,10 +263,9 @@ def train_example(image_bytes, seed, *, mean, resize_size, crop_size,
   offsets = tf.stack([oy, ox])
   flip = flip_decision(seeds[1]) if random_flip_ else tf.constant(False)
   image = decode_crop_resize(
-      image_bytes, offsets, flip, resize_size=resize_size,
+      image_bytes, offsets, resize_size=resize_size,
       crop_size=crop_size, antialias=antialias,
-      antialias_above=antialias_above)
-  image = tf.cast(image + 0.5, tf.uint8)  # Rounded; values are in [0, 255].
+      antialias_above=antialias_above, as_uint8=True)
   mean = np.asarray(mean, np.float32)
   shift = tf.constant(mean if mean.ndim == 1 else np.zeros(3, np.float32))
   if pca_noise:
@@ -267,27 +275,26 @@ def train_example(image_bytes, seed, *, mean, resize_size, crop_size,
   return image, offsets, flip, shift
 
 
-def mean_crops(mean, offsets, flips, crop_size):
+def mean_crops(mean, offsets, crop_size):
   """(B, crop, crop, 3): the per-pixel mean image's crop at each example's
-  offsets, mirrored where flipped (one gather)."""
+  offsets (one gather)."""
   r = mean.shape[1]
   j = tf.range(crop_size)
   rows = (offsets[:, 0:1] + j[None]) * r
-  cols = tf.where(flips[:, None], offsets[:, 1:2] + crop_size - 1 - j[None],
-                  offsets[:, 1:2] + j[None])
+  cols = offsets[:, 1:2] + j[None]
   flat = tf.reshape(tf.constant(mean, tf.float32), [-1, 3])
   return tf.gather(flat, rows[:, :, None] + cols[:, None, :])
 
 
 def train_finish(images, offsets, flips, shifts, *, mean):
   """A batch of `train_example` outputs -> float32 (B, crop, crop, 3):
-  image - mean crop (per-pixel mean only) - shift. input_pipeline does the
-  same on the accelerator (`device_finish`)."""
+  image - mean crop (per-pixel mean only) - shift, mirrored where flipped.
+  input_pipeline does the same on the accelerator (`device_finish`)."""
   x = tf.cast(images, tf.float32) - shifts[:, None, None, :]
   mean = np.asarray(mean, np.float32)
   if mean.ndim == 3:
-    x = x - mean_crops(mean, offsets, flips, images.shape[1])
-  return x
+    x = x - mean_crops(mean, offsets, images.shape[1])
+  return tf.where(flips[:, None, None, None], tf.reverse(x, [2]), x)
 
 
 def train_preprocess(image_bytes, seed, *, mean, **kwargs):

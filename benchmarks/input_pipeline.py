@@ -12,15 +12,16 @@ smooth content plus noise), then times, in one run, images/s through tf.data
   reference            preprocess.train_preprocess_reference: the literal
                        chain on the float 256x256 square (the old pipeline)
   train augmentation   preprocess.train_example: the crop window decoded and
-                       resampled straight to 224 (flipped), uint8, plus the
-                       mean/PCA shift; the float step runs on the accelerator
-                       (input_pipeline.device_finish)
+                       resampled straight to 224, uint8, plus the mean/PCA
+                       shift; the float step (mean, shift, mirror) runs on
+                       the accelerator (input_pipeline.device_finish)
   ... + float on host  the same plus preprocess.train_finish in tf.data (what
                        a host without an accelerator pays)
   full train pipeline  input_pipeline.train_dataset on a folder of the files
                        (file reads, per-batch decode with skip-and-count)
   pre-resized 256      on copies stored as 256x256 JPEGs (the paper's trick;
-                       made as alexnet_jax/prepare.py does)
+                       made as alexnet_jax/prepare.py does); the full
+                       pipeline row reads prepare.py's own output
 
 Each stage is timed `--repeats` times, interleaved with the others, and the
 best pass is kept; rates are given per wall-clock second and per CPU second
@@ -42,6 +43,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from alexnet_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+from alexnet_jax import prepare  # pylint: disable=g-import-not-at-top
 from alexnet_jax import preprocess as pp  # pylint: disable=g-import-not-at-top
 from configs.alexnet import get_config  # pylint: disable=g-import-not-at-top
 
@@ -90,13 +92,20 @@ def per_image(jpegs, fn, finish=None):
   return ds.map(finish) if finish else ds
 
 
-def folder_pipeline(config, jpegs, root):
+def folder_pipeline(config, jpegs, root, prepared=False):
+  """input_pipeline.train_dataset over a folder of the JPEGs, or over
+  prepare.py's pre-resized copy of that folder."""
   for i, data in enumerate(jpegs):
-    d = os.path.join(root, 'train', f'c{i % 10}')
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f'{i}.jpg'), 'wb') as f:
-      f.write(data)
+    for split in ('train', 'val')[:1 + (i < 10)]:
+      d = os.path.join(root, split, f'c{i % 10}')
+      os.makedirs(d, exist_ok=True)
+      with open(os.path.join(d, f'{i}.jpg'), 'wb') as f:
+        f.write(data)
   config.data.dataset, config.data.folder = 'folder', root
+  if prepared:
+    out = os.path.join(root, 'prepared')
+    prepare.prepare(config, out)
+    config.data.prepared_dir = out
   source = ip.get_source(config, 'train', 0, 1)
   steps = source.num_examples // config.batch_size
   return ip.train_dataset(config, source, config.batch_size, steps, 0), (
@@ -167,13 +176,17 @@ def main():
   }
   best = {k: (0.0, 0.0) for k in stages}
   built = {k: f() for k, f in stages.items()}
+  counts = {k: n for k in built}
   with tempfile.TemporaryDirectory() as root:
-    config.batch_size = 64
-    ds, m = folder_pipeline(config, jpegs, root)
-    name = 'full train pipeline (folder, batches of 64)'
-    built[name], best[name] = ds, (0.0, 0.0)
-    counts = {k: n for k in built}
-    counts[name] = m
+    for name, prepared in [('full train pipeline (folder, batches of 64)',
+                            False),
+                           ('pre-resized 256: full train pipeline (prepare.py '
+                            'output, batches of 64)', True)]:
+      c = get_config()
+      c.batch_size = 64
+      built[name], counts[name] = folder_pipeline(
+          c, jpegs, os.path.join(root, str(prepared)), prepared)
+      best[name] = (0.0, 0.0)
     for k, ds in built.items():  # Warm-up pass.
       rate(ds, counts[k])
     for _ in range(args.repeats):

@@ -166,30 +166,47 @@ def smooth_jpeg(h, w, fmt='JPEG', seed=0, cell=8):
 
 
 # (h, w, format): upsampling, downscaling by < 2x and by > 2x (antialiased
-# path), both orientations, a non-JPEG.
+# path), both orientations, a non-JPEG; shorter side already 64 (whole-pixel
+# path, as the pre-resized copies).
 SIZES = [(40, 50, 'JPEG'), (90, 70, 'JPEG'), (100, 130, 'PNG'),
-         (150, 200, 'JPEG'), (210, 140, 'PNG')]
+         (150, 200, 'JPEG'), (210, 140, 'PNG'), (64, 80, 'JPEG'),
+         (72, 64, 'PNG')]
 
 
 @pytest.mark.parametrize('h,w,fmt', SIZES)
 def test_decode_crop_resize_equals_resize_then_crop(h, w, fmt):
   """The crop window resampled straight from the decoded image equals the
-  reference (square resized to 64, then cropped, then flipped) up to float
+  reference (square resized to 64, then cropped) up to float
   rounding: same sampling points; the filter is the reference's antialiased
   one above 2x downscaling, bilinear below (the reference with
   antialias=False)."""
   data = tf.constant(smooth_jpeg(h, w, fmt))
   aa = min(h, w) > 2 * 64
   ref = pp.decode_and_resize(data, 64, antialias=aa).numpy()
-  for oy, ox, flip in [(0, 0, False), (8, 3, True), (5, 8, False),
-                       (8, 8, True)]:
-    got = pp.decode_crop_resize(data, tf.constant([oy, ox]),
-                                tf.constant(flip), resize_size=64,
+  for oy, ox in [(0, 0), (8, 3), (5, 8), (8, 8)]:
+    got = pp.decode_crop_resize(data, tf.constant([oy, ox]), resize_size=64,
                                 crop_size=56).numpy()
     want = ref[oy:oy + 56, ox:ox + 56]
-    want = want[:, ::-1] if flip else want
     assert got.shape == (56, 56, 3) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=0.05)
+
+
+@pytest.mark.parametrize('h,w', [(64, 64), (64, 80), (90, 64)])
+def test_whole_pixel_crop_is_the_reference_bit_for_bit(h, w):
+  """Shorter side == resize_size (prepare.py's copies): the uint8 crop is
+  sliced from the decoded window, equal to resize (identity) + crop of the
+  reference without rounding error. (Decoding exactly the crop's
+  window instead changed its edge pixels by up to 11: the JPEG decoder
+  upsamples chroma within the decoded window only.)"""
+  data = tf.constant(smooth_jpeg(h, w, seed=h + w))
+  ref = pp.decode_and_resize(data, 64).numpy()
+  for oy, ox in [(0, 0), (8, 3), (5, 8), (8, 8)]:
+    got = pp.decode_crop_resize(data, tf.constant([oy, ox]), resize_size=64,
+                                crop_size=56, as_uint8=True).numpy()
+    want = ref[oy:oy + 56, ox:ox + 56]
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want.astype(np.uint8))
+    assert np.array_equal(want, want.round())  # The reference is whole too.
 
 
 @pytest.mark.parametrize('per_pixel', [False, True])
@@ -202,13 +219,16 @@ def test_train_preprocess_matches_reference(h, w, fmt, per_pixel):
       np.float32) if per_pixel else np.asarray(D.channel_means, np.float32))
   kw = dict(mean=mean, resize_size=64, crop_size=56, eigvecs=D.pca_eigvecs,
             stddevs=D.pca_stddevs)
+  flips = set()
   for i in range(4):
     seed = tf.constant([i, 11], tf.int64)
+    flips.add(bool(pp.train_example(data, seed, **kw)[2]))
     got = pp.train_preprocess(data, seed, **kw).numpy()
     want = pp.train_preprocess_reference(
         data, seed, antialias=min(h, w) > 128, **kw).numpy()
     err = np.abs(got - want)
     assert err.max() < 0.52 and err.mean() < 0.3
+  assert flips == {False, True}  # Both the mirrored and the plain crop.
 
 
 def test_train_example_in_data_and_finish_matches_numpy():
@@ -225,7 +245,8 @@ def test_train_example_in_data_and_finish_matches_numpy():
   got = pp.train_finish(image, offsets, flips, shifts, mean=mean).numpy()
   for b in range(6):
     m = mean[offsets[b, 0]:offsets[b, 0] + 56, offsets[b, 1]:offsets[b, 1] + 56]
-    m = m[:, ::-1] if flips[b] else m
-    np.testing.assert_allclose(got[b], image[b] - m - shifts[b], atol=1e-4)
+    want = image[b] - m - shifts[b]
+    want = want[:, ::-1] if flips[b] else want
+    np.testing.assert_allclose(got[b], want, atol=1e-4)
     eager = pp.train_example(data, seeds[b], **kw)
     np.testing.assert_array_equal(eager[0], image[b])
