@@ -101,20 +101,22 @@ def tfds_source(builder, split, process_index, process_count, window):
                                    process_count=process_count)
   info = builder.info.splits[sub]
   instr = [(f.filename, f.skip, f.take) for f in info.file_instructions]
-  features = builder.info.features
-  decoders = {'image': tfds.decode.SkipDecoding()}
-
-  def parse(serialized):
-    ex = features.deserialize_example(serialized, decoders=decoders)
-    return ex['image'], tf.cast(ex['label'], tf.int32)
-
+  # The tf.Example keys tfds writes for the image (undecoded) and label.
+  serialized = builder.info.features.get_serialized_info()
+  spec = {k: tf.io.FixedLenFeature(serialized[k].shape, serialized[k].dtype)
+          for k in ('image', 'label')}
   return Source(info.num_examples, builder.info.splits[split].num_examples,
                 builder.info.features['label'].num_classes,
-                _sharded_records(instr, parse, window))
+                _sharded_records(instr, spec, window))
 
 
-def _sharded_records(instr, parse, window):
-  """`Source.records` over (file, skip, take) TFRecord shard instructions."""
+def _sharded_records(instr, spec, window):
+  """`Source.records` over (file, skip, take) TFRecord shard instructions of
+  tf.Examples with an 'image' (bytes) and a 'label' feature (`spec`)."""
+
+  def parse(serialized):  # A batch at a time: ~4x less CPU than one by one.
+    ex = tf.io.parse_example(serialized, spec)
+    return ex['image'], tf.cast(ex['label'], tf.int32)
 
   def records(order_seed, start):
     order = np.arange(len(instr))
@@ -139,7 +141,7 @@ def _sharded_records(instr, parse, window):
         (files, np.array(skips, np.int64), np.array(counts, np.int64)))
     ds = ds.flat_map(lambda f, s, t: tf.data.TFRecordDataset(
         f, buffer_size=8 << 20).skip(s).take(t))
-    ds = ds.map(parse)
+    ds = ds.batch(256).map(parse).unbatch()
     if order_seed is not None:
       ds = _windowed_shuffle(ds, window, order_seed, first_window)
       ds = ds.skip(start - base)
@@ -178,13 +180,8 @@ def prepared_source(config, split, process_index, process_count):
     pos += count
   spec = {'image': tf.io.FixedLenFeature([], tf.string),
           'label': tf.io.FixedLenFeature([], tf.int64)}
-
-  def parse(serialized):
-    ex = tf.io.parse_single_example(serialized, spec)
-    return ex['image'], tf.cast(ex['label'], tf.int32)
-
   return Source(hi - lo, total, meta['num_classes'],
-                _sharded_records(instr, parse, d.shuffle_buffer))
+                _sharded_records(instr, spec, d.shuffle_buffer))
 
 
 def folder_source(root, split_dir, process_index, process_count):
