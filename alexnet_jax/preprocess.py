@@ -18,9 +18,11 @@ Scale: float32 on 0-255 throughout, as in the paper ("raw RGB values", §2).
 Training does not run these one after the other on a float 256x256 image
 (that is `train_preprocess_reference`): `train_example` decodes only the
 random crop's window and resamples it straight to the crop at the same
-sampling points (`decode_crop_resize`), keeps uint8, and leaves the mean and
-PCA subtraction to one batched step (`train_finish`, or on the accelerator
-in input_pipeline.device_finish). docs/BENCHMARKS_input.md has the figures.
+sampling points (`decode_crop_resize`; no resampling where the image already
+is 256 on its shorter side), keeps uint8, and leaves the mean and PCA
+subtraction and the mirror to one batched step (`train_finish`, or on the
+accelerator in input_pipeline.device_finish). docs/BENCHMARKS_input.md has
+the figures.
 """
 
 import numpy as np

@@ -160,7 +160,7 @@ def test_mean_image_is_used(demo_dir, tmp_path):
 
 def test_device_finish_equals_train_finish(demo_dir, tmp_path):
   """The float step on the accelerator equals the tf version (per-pixel
-  mean crops mirrored with the flips, PCA shift)."""
+  mean crops, PCA shift, the mirror where flipped)."""
   from alexnet_jax import preprocess as pp  # pylint: disable=g-import-not-at-top
   c = demo_config(demo_dir, batch_size=8)
   path = str(tmp_path / 'mean.npy')
@@ -169,6 +169,7 @@ def test_device_finish_equals_train_finish(demo_dir, tmp_path):
   c.data.mean_image_path = path
   src = ip.get_source(c, 'train', 0, 1)
   x, _, _ = next(ip.train_dataset(c, src, 8, 2, 0).as_numpy_iterator())
+  assert x[2].any() and not x[2].all()  # Mirrored and plain examples.
   mesh = make_mesh(2)
   sharding = ip.NamedSharding(mesh, ip.P('data'))
   got = ip.device_finish(c, mesh)(*[ip.jax.device_put(y, sharding) for y in x])
