@@ -79,6 +79,15 @@ def make_seed(*parts):
   return seed
 
 
+def example_seeds(seed, positions):
+  """(n, 2) seeds of the examples at `positions` (int64): row j is
+  `stateless_fold_in(seed, positions[j])`, which is [r, positions[j]] with r
+  drawn from `seed` alone; made for a whole batch at once (one fold-in per
+  record cost ~0.1 ms of CPU)."""
+  r = tf.random.experimental.stateless_fold_in(seed, positions[0])[0]
+  return tf.stack([tf.fill(tf.shape(positions), r), positions], axis=1)
+
+
 def _windowed_shuffle(ds, window, order_seed, first_window):
   """Shuffles inside consecutive windows of `window` records; window w's
   permutation depends only on (order_seed, w)."""
@@ -349,10 +358,9 @@ def train_dataset(config, source, local_batch, steps, epoch, start_batch=0,
   ds = source.records(order_seed, start_batch * local_batch)
   ds = ds.take((steps - start_batch) * local_batch)
   seed = make_seed(config.seed, process_index, epoch)
-  ds = ds.enumerate(start_batch * local_batch).map(
-      lambda i, r: (r[0], r[1],
-                    tf.random.experimental.stateless_fold_in(seed, i)))
-  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.enumerate(start_batch * local_batch).batch(local_batch,
+                                                     drop_remainder=True)
+  ds = ds.map(lambda i, r: (r[0], r[1], example_seeds(seed, i)))
   fn = train_example_fn(config)
   c = d.crop_size
   spec = (((c, c, 3), tf.uint8), ((2,), tf.int32), ((), tf.bool),

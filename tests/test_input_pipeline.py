@@ -25,6 +25,15 @@ def test_train_batches_are_global_sharded(demo_dir):
   assert 0 <= int(b['labels'].min()) and int(b['labels'].max()) < SPEC.num_classes
 
 
+def test_example_seeds_are_the_fold_in_of_each_position():
+  seed = ip.make_seed(3, 1, 7)
+  positions = ip.tf.constant([5, 6, 7, 1000003], ip.tf.int64)
+  got = ip.example_seeds(seed, positions).numpy()
+  for row, i in zip(got, positions):
+    want = ip.tf.random.experimental.stateless_fold_in(seed, i).numpy()
+    np.testing.assert_array_equal(row, want)
+
+
 def test_restart_at_step_n_matches(demo_dir):
   c = demo_config(demo_dir)
   mesh = make_mesh(2)
