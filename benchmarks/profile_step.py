@@ -50,12 +50,9 @@ def main():
   parser.add_argument('--top', type=int, default=40)
   args = parser.parse_args()
   xla_cpu.sequential_scheduler()  # As launch.py.
-  d, t = (int(x) for x in args.mesh.split(','))
-  if d * t > 1:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' --xla_force_host_platform_device_count={d*t}')
+  from train_step import full_step, mesh_shape  # benchmarks/train_step.py
+  d, t = mesh_shape(args.mesh)
   import jax
-  from train_step import full_step  # benchmarks/train_step.py
 
   step, state, batch = full_step(args.batch, d, t)
   hlo = step.lower(state, batch).compile().as_text()

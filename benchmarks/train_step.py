@@ -45,6 +45,16 @@ def matmul_rate(n=4096, repeats=5, dtype='float32'):
   return 2 * n**3 / wall, 2 * n**3 / cpu
 
 
+def mesh_shape(arg):
+  """'D,T' -> (D, T); on a CPU, asks XLA for D*T fake devices (before JAX
+  starts) when the mesh needs more than one."""
+  d, t = (int(x) for x in arg.split(','))
+  if d * t > 1 and 'cpu' in os.environ.get('JAX_PLATFORMS', 'cpu'):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={d*t}')
+  return d, t
+
+
 def full_step(batch_size, d, t, dtype='float32', conv_kernel_grad='auto'):
   """(train step, state, random batch) of the full network (configs/alexnet.py)
   on a (data=d, tower=t) mesh."""
@@ -118,10 +128,7 @@ def main():
   args = parser.parse_args()
   if not args.concurrent_scheduler:
     xla_cpu.sequential_scheduler()
-  d, t = (int(x) for x in args.mesh.split(','))
-  if d * t > 1 and 'cpu' in os.environ.get('JAX_PLATFORMS', 'cpu'):
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' --xla_force_host_platform_device_count={d*t}')
+  d, t = mesh_shape(args.mesh)
   import jax
   import numpy as np
 
