@@ -346,12 +346,15 @@ def _cycle(config):
 
 
 def train_dataset(config, source, local_batch, steps, epoch, start_batch=0,
-                  process_index=0):
+                  process_index=0, example_fn=None):
   """tf.data of epoch `epoch`'s `steps` batches, from batch `start_batch` on.
 
   Yields ((images, offsets, flips, shifts), labels, skipped): uint8 crops and
   what `pp.train_finish` / `device_finish` need to make the float images;
   batch k of an epoch is a pure function of (seed, process, epoch, k).
+  `example_fn(bytes, seed)` makes one example's parts (default:
+  `train_example_fn(config)`; the benchmark times the pipeline alone with a
+  no-op).
   """
   d = config.data
   order_seed = (config.seed, process_index, epoch)
@@ -361,7 +364,7 @@ def train_dataset(config, source, local_batch, steps, epoch, start_batch=0,
   ds = ds.enumerate(start_batch * local_batch).batch(local_batch,
                                                      drop_remainder=True)
   ds = ds.map(lambda i, r: (r[0], r[1], example_seeds(seed, i)))
-  fn = train_example_fn(config)
+  fn = example_fn or train_example_fn(config)
   c = d.crop_size
   spec = (((c, c, 3), tf.uint8), ((2,), tf.int32), ((), tf.bool),
           ((3,), tf.float32))

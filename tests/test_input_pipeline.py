@@ -6,6 +6,7 @@ import time
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow as tf
 
 from alexnet_jax import input_pipeline as ip
 from tests.data_fixtures import demo_config, demo_dir, make_mesh, SPEC  # pylint: disable=unused-import
@@ -185,6 +186,26 @@ def test_device_finish_equals_train_finish(demo_dir, tmp_path):
   want = pp.train_finish(*x, mean=mean).numpy()
   assert got.sharding.spec == ip.P('data')
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
+
+
+def test_train_dataset_example_fn(demo_dir):
+  """A given per-example function replaces the augmentation (the benchmark
+  times the pipeline alone with a no-op) and sees each record's own bytes
+  and seed."""
+  c = demo_config(demo_dir, batch_size=8)
+  src = ip.get_source(c, 'train', 0, 1)
+  k = c.data.crop_size
+
+  def fn(x, s):  # The JPEG's length and the seed's position, as pixels.
+    return (tf.fill((k, k, 3), tf.cast(tf.strings.length(x) % 251, tf.uint8)),
+            tf.cast(s, tf.int32), tf.constant(False), tf.zeros([3]))
+  x, l, _ = next(ip.train_dataset(c, src, 8, 2, 0, start_batch=1,
+                                  example_fn=fn).as_numpy_iterator())
+  records = list(src.records((c.seed, 0, 0), 8).take(8).as_numpy_iterator())
+  np.testing.assert_array_equal(x[0][:, 0, 0, 0],
+                                [len(r) % 251 for r, _ in records])
+  np.testing.assert_array_equal(x[1][:, 1], np.arange(8, 16))
+  np.testing.assert_array_equal(l, [label for _, label in records])
 
 
 def test_prefetch_stops_its_thread_when_closed():
