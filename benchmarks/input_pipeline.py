@@ -1,6 +1,7 @@
 """Input pipeline throughput next to bare JPEG decoding of the same files.
 
-  python benchmarks/input_pipeline.py [--num_images 400] [--repeats 3] \\
+  python benchmarks/input_pipeline.py [--num_images 400] [--copies 5] \\
+      [--repeats 3] \\
       [--out docs/BENCHMARKS_input.md]  (rewrites the table, keeps the notes)
 
 Generates ImageNet-like JPEGs (sides 200-550 px, ~400x350 average, photo-like
@@ -21,12 +22,18 @@ smooth content plus noise), then times, in one run, images/s through tf.data
                        (file reads, per-batch decode with skip-and-count)
   pre-resized 256      on copies stored as 256x256 JPEGs (the paper's trick;
                        made as alexnet_jax/prepare.py does); the full
-                       pipeline row reads prepare.py's own output
+                       pipeline row reads prepare.py's own output, and once
+                       more with a no-op decode: the rate the pipeline
+                       itself (reading, shuffling, batching) allows
 
-Each stage is timed `--repeats` times, interleaved with the others, and the
-best pass is kept; rates are given per wall-clock second and per CPU second
-of this process (all threads), the latter robust to other jobs sharing the
-machine. Ratios are to bare decode in the same run.
+Each pass goes over every image `--copies` times (the folders hold that
+many copies of each file), so that it runs long against what a pipeline
+prepares ahead, and is timed from its first batch on (reading the first
+shuffle window is paid once a run). Each stage is timed `--repeats` times,
+interleaved with the others, and the best pass is kept; rates are given per
+wall-clock second and per CPU second of this process (all threads), the
+latter robust to other jobs sharing the machine. Ratios are to bare decode
+in the same run.
 """
 
 import argparse
@@ -77,44 +84,48 @@ def pre_resize(jpegs, size):
 
 
 def rate(ds, n):
-  """(images per wall second, images per CPU second) over one pass."""
+  """(images per wall second, images per CPU second) over one pass, in
+  steady state: from the first batch on, not counting it (the time to the
+  first batch, e.g. reading a whole shuffle window, is paid once a run)."""
+  it = iter(ds)
+  first = tf.nest.flatten(next(it))[0].shape[0]
   t, c = time.perf_counter(), time.process_time()
-  for _ in ds:
+  for _ in it:
     pass
+  n -= first
   return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
 
-def per_image(jpegs, fn, finish=None):
-  ds = tf.data.Dataset.from_tensor_slices(jpegs).enumerate()
+def per_image(jpegs, copies, fn, finish=None):
+  ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat(copies).enumerate()
   ds = ds.map(lambda i, x: fn(x, tf.stack([i, i])),
               num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(128)
   return ds.map(finish) if finish else ds
 
 
-def folder_pipeline(config, jpegs, root, prepared=False):
-  """input_pipeline.train_dataset over a folder of the JPEGs, or over
-  prepare.py's pre-resized copy of that folder."""
+def folder_source(config, jpegs, copies, root, prepared=False):
+  """The training source of a folder holding `copies` copies of each JPEG,
+  or of prepare.py's pre-resized copy of that folder."""
   for i, data in enumerate(jpegs):
-    for split in ('train', 'val')[:1 + (i < 10)]:
+    for split, k in [('train', copies), ('val', int(i < 10))]:
       d = os.path.join(root, split, f'c{i % 10}')
       os.makedirs(d, exist_ok=True)
-      with open(os.path.join(d, f'{i}.jpg'), 'wb') as f:
-        f.write(data)
+      for j in range(k):
+        with open(os.path.join(d, f'{i}_{j}.jpg'), 'wb') as f:
+          f.write(data)
   config.data.dataset, config.data.folder = 'folder', root
   if prepared:
     out = os.path.join(root, 'prepared')
     prepare.prepare(config, out)
     config.data.prepared_dir = out
-  source = ip.get_source(config, 'train', 0, 1)
-  steps = source.num_examples // config.batch_size
-  return ip.train_dataset(config, source, config.batch_size, steps, 0), (
-      steps * config.batch_size)
+  return ip.get_source(config, 'train', 0, 1)
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--num_images', type=int, default=400)
+  parser.add_argument('--copies', type=int, default=5)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out', default='docs/BENCHMARKS_input.md')
   args = parser.parse_args()
@@ -124,7 +135,7 @@ def main():
   jpegs = make_jpegs(args.num_images)
   small = pre_resize(jpegs, d.resize_size)
   mean = ip.load_mean(config)
-  n = len(jpegs)
+  n, copies = len(jpegs), args.copies
 
   def reference(x, s):
     return pp.train_preprocess_reference(
@@ -160,33 +171,46 @@ def main():
         img[None], box[None], [0], [d.crop_size, d.crop_size])[0] + 0.5,
                    tf.uint8)
   stages = {
-      'bare decode (full image)': lambda: per_image(jpegs, decode),
+      'bare decode (full image)': lambda: per_image(jpegs, copies, decode),
       'component: decode of the crop window only':
-          lambda: per_image(jpegs, window),
+          lambda: per_image(jpegs, copies, window),
       'component: window decode + crop_and_resize to 224, uint8':
-          lambda: per_image(jpegs, lambda x, s: window(x, s, True)),
+          lambda: per_image(jpegs, copies, lambda x, s: window(x, s, True)),
       'reference: float 256x256 chain (old pipeline)':
-          lambda: per_image(jpegs, reference),
+          lambda: per_image(jpegs, copies, reference),
       '**train augmentation** (uint8 crops + shift; float step on device)':
-          lambda: per_image(jpegs, train()),
+          lambda: per_image(jpegs, copies, train()),
       '... + float step on the host (train_finish in tf.data)':
-          lambda: per_image(jpegs, train(), finish),
-      'pre-resized 256: bare decode': lambda: per_image(small, decode),
-      'pre-resized 256: train augmentation': lambda: per_image(small, train()),
+          lambda: per_image(jpegs, copies, train(), finish),
+      'pre-resized 256: bare decode':
+          lambda: per_image(small, copies, decode),
+      'pre-resized 256: train augmentation':
+          lambda: per_image(small, copies, train()),
   }
   best = {k: (0.0, 0.0) for k in stages}
   built = {k: f() for k, f in stages.items()}
-  counts = {k: n for k in built}
+  counts = {name: n * copies for name in built}
+  crop = (d.crop_size, d.crop_size, 3)
+  noop = lambda x, s: (tf.zeros(crop, tf.uint8), tf.zeros([2], tf.int32),
+                       tf.constant(False), tf.zeros([3]))
   with tempfile.TemporaryDirectory() as root:
     for name, prepared in [('full train pipeline (folder, batches of 64)',
                             False),
                            ('pre-resized 256: full train pipeline (prepare.py '
                             'output, batches of 64)', True)]:
-      c = get_config()
-      c.batch_size = 64
-      built[name], counts[name] = folder_pipeline(
-          c, jpegs, os.path.join(root, str(prepared)), prepared)
-      best[name] = (0.0, 0.0)
+      cfg = get_config()
+      cfg.batch_size = 64
+      source = folder_source(cfg, jpegs, copies,
+                             os.path.join(root, str(prepared)), prepared)
+      steps = source.num_examples // 64
+      rows = {name: None}
+      if prepared:
+        rows['pre-resized 256: the same with a no-op decode (the '
+             "pipeline's own ceiling)"] = noop
+      for name, fn in rows.items():
+        built[name] = ip.train_dataset(cfg, source, 64, steps, 0,
+                                       example_fn=fn)
+        counts[name], best[name] = steps * 64, (0.0, 0.0)
     for k, ds in built.items():  # Warm-up pass.
       rate(ds, counts[k])
     for _ in range(args.repeats):
@@ -208,9 +232,10 @@ def main():
       f'Data: {n} generated JPEGs, mean size {np.mean(sizes, 0).round()} '
       f'(h, w), mean {np.mean([len(x) for x in jpegs]) / 1e3:.0f} KB; '
       f'pre-resized copies {np.mean([len(x) for x in small]) / 1e3:.0f} KB.',
-      f'Command: `python benchmarks/input_pipeline.py --repeats '
-      f'{args.repeats}` ({time.perf_counter() - t0:.0f} s); best of '
-      f'{args.repeats} interleaved passes.', '']
+      f'Command: `python benchmarks/input_pipeline.py --num_images '
+      f'{args.num_images} --copies {copies} --repeats {args.repeats}` ('
+      f'{time.perf_counter() - t0:.0f} s); best of {args.repeats} interleaved '
+      'passes, each timed from its first batch on.', '']
   text = '\n'.join(head + lines) + '\n'
   print(text)
   if args.out:
