@@ -104,9 +104,10 @@ def per_image(jpegs, copies, fn, finish=None):
   return ds.map(finish) if finish else ds
 
 
-def folder_source(config, jpegs, copies, root, prepared=False):
-  """The training source of a folder holding `copies` copies of each JPEG,
-  or of prepare.py's pre-resized copy of that folder."""
+def write_folder(config, jpegs, copies, root, prepared=False):
+  """Writes a folder holding `copies` copies of each JPEG under `root` and
+  returns its training source (or that of prepare.py's pre-resized copy of
+  the folder)."""
   for i, data in enumerate(jpegs):
     for split, k in [('train', copies), ('val', int(i < 10))]:
       d = os.path.join(root, split, f'c{i % 10}')
@@ -200,8 +201,8 @@ def main():
                             'output, batches of 64)', True)]:
       cfg = get_config()
       cfg.batch_size = 64
-      source = folder_source(cfg, jpegs, copies,
-                             os.path.join(root, str(prepared)), prepared)
+      source = write_folder(cfg, jpegs, copies,
+                            os.path.join(root, str(prepared)), prepared)
       steps = source.num_examples // 64
       rows = {name: None}
       if prepared:

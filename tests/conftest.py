@@ -14,7 +14,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # JAX's persistent compilation cache, fresh for each test session and
 # inherited by the tests' subprocesses: restarts, resumes, sweeps and the
 # command-line tests compile the same programs again in every process and
-# load them from here instead (-17% on the checkpoint tests' restarts).
+# load them from here instead (the suite: 12:35 -> 10:47 on 2 cores).
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='alexnet_jax_tests_jax_cache_')
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)

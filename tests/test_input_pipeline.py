@@ -28,10 +28,10 @@ def test_train_batches_are_global_sharded(demo_dir):
 
 def test_example_seeds_are_the_fold_in_of_each_position():
   seed = ip.make_seed(3, 1, 7)
-  positions = ip.tf.constant([5, 6, 7, 1000003], ip.tf.int64)
+  positions = tf.constant([5, 6, 7, 1000003], tf.int64)
   got = ip.example_seeds(seed, positions).numpy()
   for row, i in zip(got, positions):
-    want = ip.tf.random.experimental.stateless_fold_in(seed, i).numpy()
+    want = tf.random.experimental.stateless_fold_in(seed, i).numpy()
     np.testing.assert_array_equal(row, want)
 
 
