@@ -19,7 +19,7 @@ import os
 
 from alexnet_jax import xla_cpu
 
-xla_cpu.sequential_scheduler()  # Before JAX starts (alexnet_jax/xla_cpu.py).
+xla_cpu.set_flags()  # Before JAX starts (alexnet_jax/xla_cpu.py).
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app

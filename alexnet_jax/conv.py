@@ -11,6 +11,11 @@ inputs tap (i, j) saw, (batch*h*w, cin), contracted with the output gradient,
 ceil(k/s) x ceil(k/s) taps: conv1's 11x11/4 kernel becomes 3x3 taps over 48
 channels instead of 121 taps over 3. The input gradient and the forward pass
 stay XLA's own.
+
+That holds for XLA:CPU's default convolution library (YNNPACK). With the
+XNNPACK convolutions launch.py asks for (alexnet_jax/xla_cpu.py), XLA's own
+weight gradient is the faster one (the train step 1-16% faster than with
+taps, docs/BENCHMARKS.md, attempt 15), and 'auto' picks it.
 """
 
 import functools
@@ -19,12 +24,22 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from alexnet_jax import xla_cpu
+
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
 def _xla_conv(x, kernel, stride, padding):
   return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                   dimension_numbers=_DIMS)
+
+
+def resolve(kernel_grad):
+  """'auto' -> 'taps' or 'xla' (see conv()); any other value unchanged."""
+  if kernel_grad != 'auto':
+    return kernel_grad
+  return ('taps' if jax.default_backend() == 'cpu' and
+          not xla_cpu.xnn_convolutions() else 'xla')
 
 
 def conv(x, kernels, stride: int, padding, kernel_grad: str = 'auto'):
@@ -36,12 +51,12 @@ def conv(x, kernels, stride: int, padding, kernel_grad: str = 'auto'):
   matmul per tap with l*cout columns, wider and faster than l separate ones.
 
   kernel_grad: 'xla' (XLA's own gradient), 'taps' (one matmul per kernel
-  tap), or 'auto' ('taps' on CPU, 'xla' on GPU/TPU, whose convolution
-  libraries are fast at it).
+  tap), or 'auto' ('taps' on a CPU with XLA's default convolutions, 'xla'
+  with XNNPACK convolutions and on GPU/TPU, whose convolution libraries are
+  fast at it).
   """
   padding = tuple(tuple(p) for p in padding)
-  if kernel_grad == 'auto':
-    kernel_grad = 'taps' if jax.default_backend() == 'cpu' else 'xla'
+  kernel_grad = resolve(kernel_grad)
   if kernel_grad == 'xla':
     return tuple(_xla_conv(x, k, stride, padding) for k in kernels)
   if kernel_grad == 'taps':

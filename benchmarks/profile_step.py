@@ -1,13 +1,17 @@
 """Where a train step's time goes on XLA:CPU: per-op durations.
 
   python benchmarks/profile_step.py [--batch=32] [--mesh=1,1] [--top=40]
+  python benchmarks/profile_step.py --ynn_convolutions  # convolutions too
 
 Runs three steps of the full network under jax.profiler.trace, reads each
 op's duration from the trace (the XPlane protobuf, parsed with the copy of
 its schema that TensorFlow ships), and names each op by the jax operation
 it came from (the compiled HLO's op_name metadata). XLA:CPU runs independent
 ops concurrently, so op times add up to more than the step time and small
-ops look slower than they are alone.
+ops look slower than they are alone. The XNNPACK convolutions launch.py
+asks for (alexnet_jax/xla_cpu.py) leave no events in the trace, so the
+table leaves them out; --ynn_convolutions runs them as XLA's default
+YNNPACK fusions, which it lists.
 """
 
 import argparse
@@ -48,8 +52,9 @@ def main():
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--mesh', default='1,1', help='data,tower')
   parser.add_argument('--top', type=int, default=40)
+  parser.add_argument('--ynn_convolutions', action='store_true')
   args = parser.parse_args()
-  xla_cpu.sequential_scheduler()  # As launch.py.
+  xla_cpu.set_flags(xnn_convolutions=not args.ynn_convolutions)
   from train_step import full_step, mesh_shape  # benchmarks/train_step.py
   d, t = mesh_shape(args.mesh)
   import jax

@@ -35,14 +35,12 @@ def timed(fn, *args, repeats):
   return wall, cpu
 
 
-def matmul_rate(n=4096, repeats=5, dtype='float32'):
-  """An n x n x n matrix product at the default precision (on NVIDIA GPUs
-  XLA runs float32 products on the TF32 tensor cores)."""
+def matmul(n=4096, dtype='float32'):
+  """(an n x n x n matrix product at the default precision, its operand, its
+  FLOPs); on NVIDIA GPUs XLA runs float32 products on the TF32 tensor cores."""
   import jax
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-  f = jax.jit(lambda a: a @ a)
-  wall, cpu = timed(f, a, repeats=repeats)
-  return 2 * n**3 / wall, 2 * n**3 / cpu
+  return jax.jit(lambda a: a @ a), a, 2 * n**3
 
 
 def mesh_shape(arg):
@@ -125,9 +123,12 @@ def main():
   parser.add_argument('--concurrent_scheduler', action='store_true',
                       help="XLA:CPU's default concurrency-optimised scheduler "
                       'instead of the one launch.py uses (alexnet_jax/xla_cpu.py)')
+  parser.add_argument('--ynn_convolutions', action='store_true',
+                      help="XLA:CPU's default convolution library (YNNPACK) "
+                      'instead of the one launch.py uses (XNNPACK)')
   args = parser.parse_args()
-  if not args.concurrent_scheduler:
-    xla_cpu.sequential_scheduler()
+  xla_cpu.set_flags(sequential_scheduler=not args.concurrent_scheduler,
+                    xnn_convolutions=not args.ynn_convolutions)
   d, t = mesh_shape(args.mesh)
   import jax
   import numpy as np
@@ -147,35 +148,45 @@ def main():
     model_lib.max_pool = pool._pool
   step, state, batch = full_step(args.batch, d, t, args.dtype,
                                  args.conv_kernel_grad)
-  state, m = step(state, batch)  # Compile.
+  mm, a, mm_flops = matmul(args.matmul_size, args.dtype)
+  state, m = step(state, batch)  # Compile and warm up.
   jax.block_until_ready(m)
-  walls, cpus = [], []
+  # Each step is followed by the matmul (one to warm up: the first after a
+  # step runs up to 10% slower; then the best of two), and each ratio is
+  # taken between the two: the VM's speed drifts by 20% within minutes.
+  rows = []  # (step wall, step CPU, matmul wall, matmul CPU) seconds
   for _ in range(args.steps):
     t0, c0 = time.perf_counter(), time.process_time()
     state, m = step(state, batch)
     jax.block_until_ready(m)
-    walls.append(time.perf_counter() - t0)
-    cpus.append(time.process_time() - c0)
-  step_s, step_cpu = float(np.median(walls)), float(np.median(cpus))
-  n = args.matmul_size
-  rate, rate_cpu = matmul_rate(n, dtype=args.dtype)
+    rows.append((time.perf_counter() - t0, time.process_time() - c0,
+                 *timed(mm, a, repeats=2)))
+  step_s, step_cpu, mm_s, mm_cpu = np.median(rows, axis=0)
+  rate, rate_cpu = mm_flops / mm_s, mm_flops / mm_cpu
   flops = args.batch * FLOP_PER_IMAGE
+  ratio, ratio_cpu = np.median(
+      [((flops / w) / (mm_flops / mw), (flops / c) / (mm_flops / mc))
+       for w, c, mw, mc in rows], axis=0)
+  n = args.matmul_size
   # Process CPU time measures the work only where the CPU does it.
   on_cpu = dev.platform == 'cpu'
+  from alexnet_jax import conv
   print(f'mesh (data={d}, tower={t}), batch {args.batch}, {args.dtype}, conv '
-        f'kernel grad {args.conv_kernel_grad}, '
+        f'kernel grad {args.conv_kernel_grad} '
+        f'({conv.resolve(args.conv_kernel_grad)}), '
         f'{"concurrent" if args.concurrent_scheduler else "sequential"} '
-        'scheduler, '
+        f'scheduler, {"YNN" if args.ynn_convolutions else "XNN"}PACK '
+        'convolutions, '
         f'{"XLA" if args.xla_max_pool_grad else "tap"} max-pool gradient: '
         f'{step_s * 1e3:.1f} ms/step '
         f'(median of {args.steps}), {args.batch / step_s:.1f} images/s, '
         f'{flops / step_s / 1e9:.1f} GFLOP/s' +
         (f'; {step_cpu:.2f} CPU-s/step' if on_cpu else ''))
   print(f'{args.dtype} matmul {n}x{n}: {rate / 1e9:.1f} GFLOP/s wall' +
-        (f', {rate_cpu / 1e9:.1f} GFLOP per CPU-s' if on_cpu else ''))
-  print(f'train step / matmul rate: {flops / step_s / rate:.1%} by wall '
-        'time' + (f', {flops / step_cpu / rate_cpu:.1%} by CPU time'
-                  if on_cpu else ''))
+        (f', {rate_cpu / 1e9:.1f} GFLOP per CPU-s' if on_cpu else '') +
+        ' (median of the best of two after each step)')
+  print(f'train step / matmul rate (median over the pairs): {ratio:.1%} by '
+        'wall time' + (f', {ratio_cpu:.1%} by CPU time' if on_cpu else ''))
 
 if __name__ == '__main__':
   main()

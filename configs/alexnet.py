@@ -75,8 +75,9 @@ def get_config(variant: str = ''):
   m.init_stddev = 0.01
   m.init_bias_one = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
   m.dtype = 'float32'  # Activations/matmuls; 'bfloat16' for mixed precision.
-  # Convolution weight gradients: 'auto' ('taps' on CPU, XLA's own on GPU/TPU;
-  # speed only, alexnet_jax/conv.py), 'taps' or 'xla'.
+  # Convolution weight gradients: 'auto' (the faster: XLA's own, or 'taps'
+  # on a CPU with XLA's default convolution library; speed only,
+  # alexnet_jax/conv.py), 'taps' or 'xla'.
   m.conv_kernel_grad = 'auto'
 
   # ----------------------------------------------------------------- mesh

@@ -81,3 +81,23 @@ def test_unknown_kernel_grad_is_an_error():
   x = jnp.zeros((1, 5, 5, 1))
   with pytest.raises(ValueError, match="'auto', 'xla' or 'taps'"):
     conv_lib.conv(x, jnp.zeros((1, 3, 3, 1, 1)), 1, ((1, 1), (1, 1)), 'rows')
+
+
+def test_auto_follows_the_convolution_library(monkeypatch):
+  """'auto' on the CPU: taps with XLA's default convolutions, XLA's own
+  gradient with the XNNPACK convolutions the entry points ask for."""
+  from alexnet_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  x, ks = jnp.zeros((1, 5, 5, 1)), jnp.zeros((1, 3, 3, 1, 1))
+
+  def uses_taps():
+    jaxpr = jax.make_jaxpr(lambda x, ks: conv_lib.conv(
+        x, ks, 1, ((1, 1), (1, 1)), 'auto'))(x, ks)
+    return 'custom_vjp_call' in str(jaxpr)
+
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  assert uses_taps()
+  xla_cpu.set_flags()  # Only the environment: this process's XLA is up.
+  assert not uses_taps()
+  monkeypatch.delenv('XLA_FLAGS')
+  xla_cpu.set_flags(xnn_convolutions=False)
+  assert uses_taps()
