@@ -14,7 +14,7 @@ stay XLA's own.
 
 That holds for XLA:CPU's default convolution library (YNNPACK). With the
 XNNPACK convolutions launch.py asks for (alexnet_jax/xla_cpu.py), XLA's own
-weight gradient is the faster one (the train step 1-16% faster than with
+weight gradient is the faster one (the train step 0-16% faster than with
 taps, docs/BENCHMARKS.md, attempt 15), and 'auto' picks it.
 """
 

@@ -15,8 +15,10 @@ work. GPU and TPU ignore them. Measured on the project's 2-core VM
   them): YNNPACK runs a convolution with 64 or fewer output channels on one
   core (conv1's forward pass, 48 channels a tower, and conv2's input
   gradient) and the 13x13 layers at 60-80% of the matmul rate; XNNPACK
-  runs all of them on every core. The train step: 2,008 -> 1,574 ms at
-  batch 32 (47% -> 68% of the matmul rate). Matrix products stay YNNPACK's.
+  runs all of them on every core. The train step: 1,797-2,217 -> 1,533-1,690
+  ms at batch 32, 51-58% -> 66-71% of the matmul rate (with XLA's own weight
+  gradients, which are faster than conv.py's taps with these convolutions).
+  Matrix products stay YNNPACK's.
 
 The tests keep XLA's defaults: their time is compiling, and on their 8 fake
 devices sharing 2 cores the default scheduler was ~10% faster.

@@ -174,9 +174,9 @@ def main():
   print(f'mesh (data={d}, tower={t}), batch {args.batch}, {args.dtype}, conv '
         f'kernel grad {args.conv_kernel_grad} '
         f'({conv.resolve(args.conv_kernel_grad)}), '
-        f'{"concurrent" if args.concurrent_scheduler else "sequential"} '
-        f'scheduler, {"YNN" if args.ynn_convolutions else "XNN"}PACK '
-        'convolutions, '
+        + (f'{"concurrent" if args.concurrent_scheduler else "sequential"} '
+           f'scheduler, {"YNN" if args.ynn_convolutions else "XNN"}PACK '
+           'convolutions, ' if on_cpu else '') +
         f'{"XLA" if args.xla_max_pool_grad else "tap"} max-pool gradient: '
         f'{step_s * 1e3:.1f} ms/step '
         f'(median of {args.steps}), {args.batch / step_s:.1f} images/s, '
