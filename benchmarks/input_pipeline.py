@@ -130,6 +130,9 @@ def main():
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out', default='docs/BENCHMARKS_input.md')
   args = parser.parse_args()
+  if args.num_images * args.copies < 256:
+    parser.error('--num_images x --copies must be at least 256: each pass is '
+                 'timed from its first batch of 128 on, so it needs more.')
   config = get_config()
   d = config.data
   t0 = time.perf_counter()
@@ -195,7 +198,7 @@ def main():
   noop = lambda x, s: (tf.zeros(crop, tf.uint8), tf.zeros([2], tf.int32),
                        tf.constant(False), tf.zeros([3]))
   with tempfile.TemporaryDirectory() as root:
-    for name, prepared in [('full train pipeline (folder, batches of 64)',
+    for full, prepared in [('full train pipeline (folder, batches of 64)',
                             False),
                            ('pre-resized 256: full train pipeline (prepare.py '
                             'output, batches of 64)', True)]:
@@ -204,7 +207,7 @@ def main():
       source = write_folder(cfg, jpegs, copies,
                             os.path.join(root, str(prepared)), prepared)
       steps = source.num_examples // 64
-      rows = {name: None}
+      rows = {full: None}  # None: the train augmentation.
       if prepared:
         rows['pre-resized 256: the same with a no-op decode (the '
              "pipeline's own ceiling)"] = noop

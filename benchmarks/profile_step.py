@@ -52,7 +52,9 @@ def main():
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--mesh', default='1,1', help='data,tower')
   parser.add_argument('--top', type=int, default=40)
-  parser.add_argument('--ynn_convolutions', action='store_true')
+  parser.add_argument('--ynn_convolutions', action='store_true',
+                      help="XLA:CPU's default convolution library, whose "
+                      'convolutions show in the trace')
   args = parser.parse_args()
   xla_cpu.set_flags(xnn_convolutions=not args.ynn_convolutions)
   from train_step import full_step, mesh_shape  # benchmarks/train_step.py
