@@ -390,7 +390,7 @@ def train_example_fn(config):
       random_flip_=d.random_flip, pca_noise=d.pca_noise,
       eigvecs=d.pca_eigvecs, stddevs=d.pca_stddevs,
       alpha_stddev=d.pca_alpha_stddev, antialias=d.resize_antialias,
-      antialias_above=d.train_antialias_above)
+      antialias_above=d.train_antialias_above, resample=d.resample)
 
 
 def device_finish(config, mesh):

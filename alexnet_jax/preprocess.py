@@ -28,6 +28,8 @@ the figures.
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax import native
+
 
 def decode_and_resize(image_bytes, resize_size=256, antialias=True):
   """Encoded image -> (resize_size, resize_size, 3) float32 on 0-255.
@@ -155,7 +157,8 @@ def _repeat_edges(img):
 
 
 def decode_crop_resize(image_bytes, offsets, *, resize_size, crop_size,
-                       antialias=True, antialias_above=2.0, as_uint8=False):
+                       antialias=True, antialias_above=2.0, as_uint8=False,
+                       resample='auto'):
   """Encoded image -> the (crop, crop, 3) float32 window at `offsets` of the
   resize_size square, without making the square; rounded to uint8 if
   `as_uint8`.
@@ -166,9 +169,11 @@ def decode_crop_resize(image_bytes, offsets, *, resize_size, crop_size,
   (`decode_and_crop_jpeg` of that window) and resampled straight to
   crop x crop:
     * downscaling by <= `antialias_above` (or antialias=False): bilinear at
-      exactly the reference's sampling points (`crop_and_resize`, the
-      window padded by one replicated pixel so that points past the square's
-      edge clamp as tf.image.resize does). Equal to the reference with
+      exactly the reference's sampling points, points past the square's
+      edge clamped to it as in tf.image.resize: the compiled op of
+      alexnet_jax/native.py (`resample` = config.data.resample: 'auto',
+      'native' or 'tf'), or `crop_and_resize` (the window padded by one
+      replicated pixel for the clamp). Equal to the reference with
       antialias=False up to float rounding; for 1 < s/256 <= 2 it omits the
       reference's antialias widening (a triangle of width s/256 instead of
       1 pixel).
@@ -217,7 +222,13 @@ def decode_crop_resize(image_bytes, offsets, *, resize_size, crop_size,
                           [crop_size, crop_size, 3])
     return out if as_uint8 else tf.cast(out, tf.float32)
 
+  op = native.resample_op(resample)
+
   def bilinear():
+    if op is not None:  # Clamps points past the window's edge itself.
+      return op(image=img, grid=tf.stack([wy[2], 1.0 / k, wx[2], 1.0 / k]),
+                height=crop_size, width=crop_size,
+                out_type=tf.uint8 if as_uint8 else tf.float32)
     # Points past the square's edge (upsampling only) clamp to it, as in
     # tf.image.resize: repeat the edge pixels (cheap: small images only).
     pad = tf.cast(k > 1.0, tf.int32)
@@ -246,7 +257,7 @@ def decode_crop_resize(image_bytes, offsets, *, resize_size, crop_size,
 def train_example(image_bytes, seed, *, mean, resize_size, crop_size,
                   random_flip_=True, pca_noise=True, eigvecs=None,
                   stddevs=None, alpha_stddev=0.1, antialias=True,
-                  antialias_above=2.0):
+                  antialias_above=2.0, resample='auto'):
   """The per-example part of the train augmentation, kept in uint8.
 
   Returns (image, offsets, flip, shift): image (crop, crop, 3) uint8, the
@@ -267,7 +278,7 @@ def train_example(image_bytes, seed, *, mean, resize_size, crop_size,
   image = decode_crop_resize(
       image_bytes, offsets, resize_size=resize_size,
       crop_size=crop_size, antialias=antialias,
-      antialias_above=antialias_above, as_uint8=True)
+      antialias_above=antialias_above, as_uint8=True, resample=resample)
   mean = np.asarray(mean, np.float32)
   shift = tf.constant(mean if mean.ndim == 1 else np.zeros(3, np.float32))
   if pca_noise:

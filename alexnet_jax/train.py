@@ -48,6 +48,7 @@ from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import input_pipeline
 from alexnet_jax import mesh as mesh_lib
 from alexnet_jax import model as model_lib
+from alexnet_jax import native
 from alexnet_jax import optimizer as optimizer_lib
 from alexnet_jax import run_outputs
 from alexnet_jax import schedules
@@ -281,6 +282,9 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
         f'The dataset {config.data.dataset!r} has {classes} classes but '
         f'config.model.num_classes={config.model.num_classes}: set '
         f'--config.model.num_classes={classes}.')
+  # The augmentation's resample: builds the native op on first use, and
+  # fails here with what to do if config.data.resample='native' cannot.
+  native.resample_op(config.data.resample)
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   total_steps = config.total_steps or config.num_epochs * steps_per_epoch
   cadence = functools.partial(every, total_steps=total_steps,

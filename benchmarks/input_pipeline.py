@@ -9,13 +9,16 @@ smooth content plus noise), then times, in one run, images/s through tf.data
 (batches of 128):
   bare decode          tf.io.decode_jpeg of the whole image
   components           the crop window's decode alone, then with the
-                       bilinear resample to 224 (no RNG/PCA/conds)
+                       bilinear resample to 224 by each implementation
+                       (no RNG/PCA/conds)
   reference            preprocess.train_preprocess_reference: the literal
                        chain on the float 256x256 square (the old pipeline)
   train augmentation   preprocess.train_example: the crop window decoded and
                        resampled straight to 224, uint8, plus the mean/PCA
                        shift; the float step (mean, shift, mirror) runs on
-                       the accelerator (input_pipeline.device_finish)
+                       the accelerator (input_pipeline.device_finish); the
+                       resample by the native op (alexnet_jax/native.py),
+                       and once more by TensorFlow's crop_and_resize
   ... + float on host  the same plus preprocess.train_finish in tf.data (what
                        a host without an accelerator pays)
   full train pipeline  input_pipeline.train_dataset on a folder of the files
@@ -50,6 +53,7 @@ import tensorflow as tf
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from alexnet_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+from alexnet_jax import native  # pylint: disable=g-import-not-at-top
 from alexnet_jax import prepare  # pylint: disable=g-import-not-at-top
 from alexnet_jax import preprocess as pp  # pylint: disable=g-import-not-at-top
 from configs.alexnet import get_config  # pylint: disable=g-import-not-at-top
@@ -155,9 +159,10 @@ def main():
   finish = lambda *parts: pp.train_finish(*parts, mean=mean)
   decode = lambda x, s: tf.io.decode_jpeg(x, channels=3)[:1, :1]
 
-  def window(x, s, resample=False):
+  def window(x, s, resample=None):
     """Components of train_example on a JPEG: the crop window's decode
-    (plus the bilinear resample to the crop, rounded to uint8)."""
+    (plus the bilinear resample to the crop, rounded to uint8, by
+    `resample`: 'native' or 'tf')."""
     limit = d.resize_size - d.crop_size
     offsets = pp.crop_offsets(tf.random.experimental.stateless_split(s, 3)[0],
                               limit, limit)
@@ -169,6 +174,11 @@ def main():
         x, tf.stack([oy + wy[0], ox + wx[0], wy[1], wx[1]]), channels=3)
     if not resample:
       return img[:1, :1]
+    if resample == 'native':
+      step = tf.cast(side, tf.float32) / d.resize_size
+      return native.resample_op('native')(
+          image=img, grid=tf.stack([wy[2], step, wx[2], step]),
+          height=d.crop_size, width=d.crop_size)
     hp, wp = (tf.cast(w[1] - 1, tf.float32) for w in (wy, wx))
     box = tf.stack([wy[2] / hp, wx[2] / wp, wy[3] / hp, wx[3] / wp])
     return tf.cast(tf.image.crop_and_resize(
@@ -179,11 +189,17 @@ def main():
       'component: decode of the crop window only':
           lambda: per_image(jpegs, copies, window),
       'component: window decode + crop_and_resize to 224, uint8':
-          lambda: per_image(jpegs, copies, lambda x, s: window(x, s, True)),
+          lambda: per_image(jpegs, copies,
+                            lambda x, s: window(x, s, 'tf')),
+      'component: window decode + the native resample to 224, uint8':
+          lambda: per_image(jpegs, copies,
+                            lambda x, s: window(x, s, 'native')),
       'reference: float 256x256 chain (old pipeline)':
           lambda: per_image(jpegs, copies, reference),
       '**train augmentation** (uint8 crops + shift; float step on device)':
           lambda: per_image(jpegs, copies, train()),
+      '... the same with crop_and_resize (--config.data.resample=tf)':
+          lambda: per_image(jpegs, copies, train(resample='tf')),
       '... + float step on the host (train_finish in tf.data)':
           lambda: per_image(jpegs, copies, train(), finish),
       'pre-resized 256: bare decode':

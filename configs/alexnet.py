@@ -138,6 +138,11 @@ def get_config(variant: str = ''):
   # plain bilinear at the same sampling points otherwise (alexnet_jax/
   # preprocess.py decode_crop_resize; docs/BENCHMARKS_input.md).
   d.train_antialias_above = 2.0
+  # That bilinear resample: 'native' is a compiled op (alexnet_jax/
+  # resample.cc, built with $CXX on first use, ~15 s, then cached), 'tf'
+  # TensorFlow's crop_and_resize (the same crops, ~1.5x slower augmentation),
+  # 'auto' native if it builds, else tf with a warning (alexnet_jax/native.py).
+  d.resample = 'auto'
   # A pre-resized copy (the paper's trick) written by `python -m
   # alexnet_jax.prepare --config=... --out=DIR`; '' reads the dataset itself.
   d.prepared_dir = ''

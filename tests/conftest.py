@@ -21,6 +21,14 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
+# The native resample op (alexnet_jax/native.py) is compiled once per test
+# session into a fresh directory, inherited likewise: the suite builds it as
+# a new machine does.
+if 'ALEXNET_JAX_CACHE_DIR' not in os.environ:
+  _ops = tempfile.mkdtemp(prefix='alexnet_jax_tests_ops_')
+  atexit.register(shutil.rmtree, _ops, ignore_errors=True)
+  os.environ['ALEXNET_JAX_CACHE_DIR'] = _ops
+
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):

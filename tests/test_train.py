@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from alexnet_jax import checkpoint as checkpoint_lib
+from alexnet_jax import native
 from alexnet_jax import schedules
 from alexnet_jax import train
 from tests import train_helpers as th
@@ -59,6 +60,25 @@ def test_train_and_evaluate_end_to_end(data_dir, tmp_path):
   assert th.checkpoint_steps(workdir) == [2, 4, 6]
   assert os.path.exists(os.path.join(workdir, 'config.json'))
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+
+
+def test_resample_setting_checked_before_the_model(data_dir, tmp_path,
+                                                   monkeypatch):
+  """An unknown config.data.resample, or 'native' where the op cannot be
+  built, stops at start with what to set (nothing trained or saved)."""
+  config = th.tiny_config(data_dir, **{'data.resample': 'fast'})
+  with pytest.raises(ValueError, match="use one of \\('auto', 'native'"):
+    train.train_and_evaluate(config, str(tmp_path / 'a'))
+  monkeypatch.setenv('ALEXNET_JAX_CACHE_DIR', str(tmp_path / 'ops'))
+  monkeypatch.setenv('CXX', 'false')
+  native._load.cache_clear()  # pylint: disable=protected-access
+  try:
+    config = th.tiny_config(data_dir, **{'data.resample': 'native'})
+    with pytest.raises(native.BuildError, match='--config.data.resample=tf'):
+      train.train_and_evaluate(config, str(tmp_path / 'b'))
+  finally:
+    native._load.cache_clear()  # pylint: disable=protected-access
+  assert th.checkpoint_steps(str(tmp_path / 'b')) == []
 
 
 # Checked at once (a log and a save every step), or one step late: step 4
