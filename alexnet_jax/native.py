@@ -115,7 +115,7 @@ def resample_op(choice):
 @functools.cache
 def _warn_once(reason):
   logging.warning('The native resample op is not available (%s); using '
-                  'TensorFlow\'s crop_and_resize (the same crops, ~1.5x '
+                  'TensorFlow\'s crop_and_resize (the same crops, ~1.4x '
                   'slower augmentation). --config.data.resample=tf silences '
                   'this.', reason)
 

@@ -128,7 +128,8 @@ def _square(h, w):
 
 
 def _window(c, s, resize_size, crop_size, radius, margin=2):
-  """One axis of the decode window a crop at offset `c` (256-space) needs.
+  """The decode window a crop at offsets `c` (256-space; both axes at once,
+  each result has c's shape) needs.
 
   Output pixel j of the crop is pixel c + j of the resized square, whose
   centre lies at square coordinate v_j = (c + j + 0.5) / k - 0.5 (pixel-index
@@ -145,7 +146,7 @@ def _window(c, s, resize_size, crop_size, radius, margin=2):
   lo = tf.clip_by_value(tf.cast(tf.floor(v0 - radius), tf.int32) - margin,
                         0, s - 1)
   hi = tf.clip_by_value(tf.cast(tf.math.ceil(v1 + radius), tf.int32) + 1 +
-                        margin, lo + 1, s)
+                        margin, lo + 1, tf.broadcast_to(s, tf.shape(lo)))
   lof = tf.cast(lo, tf.float32)
   return lo, hi - lo, v0 - lof, v1 - lof
 
@@ -192,24 +193,28 @@ def decode_crop_resize(image_bytes, offsets, *, resize_size, crop_size,
   """
   # Flat branches on the format and the filter, not nested conds.
   is_jpeg = tf.io.is_jpeg(image_bytes)
-  other = tf.cond(is_jpeg, lambda: tf.zeros([0, 0, 3], tf.uint8),
-                  lambda: tf.io.decode_image(image_bytes, channels=3,
-                                             expand_animations=False))
-  shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(image_bytes),
-                  lambda: tf.shape(other))
+
+  def decode_other():
+    image = tf.io.decode_image(image_bytes, channels=3,
+                               expand_animations=False)
+    return image, tf.shape(image)
+  other, shape = tf.cond(
+      is_jpeg, lambda: (tf.zeros([0, 0, 3], tf.uint8),
+                        tf.image.extract_jpeg_shape(image_bytes)),
+      decode_other)
   oy, ox, s = _square(shape[0], shape[1])
   k = tf.cast(resize_size, tf.float32) / tf.cast(s, tf.float32)
   smooth = tf.logical_and(tf.constant(bool(antialias)),
                           k * antialias_above < 1.0)
   radius = tf.where(smooth, 1.0 / k, 1.0)
-  wy = _window(offsets[0], s, resize_size, crop_size, radius)
-  wx = _window(offsets[1], s, resize_size, crop_size, radius)
-  y0, x0 = oy + wy[0], ox + wx[0]
+  lo, size, first, last = _window(offsets, s, resize_size, crop_size, radius)
+  start = tf.stack([oy, ox]) + lo
   img = tf.cond(
       is_jpeg,
       lambda: tf.image.decode_and_crop_jpeg(
-          image_bytes, tf.stack([y0, x0, wy[1], wx[1]]), channels=3),
-      lambda: other[y0:y0 + wy[1], x0:x0 + wx[1]])
+          image_bytes, tf.concat([start, size], 0), channels=3),
+      lambda: tf.slice(other, tf.concat([start, [0]], 0),
+                       tf.concat([size, [3]], 0)))
 
   def rounded(out):
     # Both filters have non-negative weights summing to 1: no clipping needed.
@@ -217,7 +222,7 @@ def decode_crop_resize(image_bytes, offsets, *, resize_size, crop_size,
 
   def whole_pixels():
     # k == 1: output pixel j is window pixel v_0 - lo + j, a whole number.
-    y, x = (tf.cast(tf.round(w[2]), tf.int32) for w in (wy, wx))
+    y, x = tf.unstack(tf.cast(tf.round(first), tf.int32))
     out = tf.ensure_shape(img[y:y + crop_size, x:x + crop_size],
                           [crop_size, crop_size, 3])
     return out if as_uint8 else tf.cast(out, tf.float32)
@@ -226,7 +231,7 @@ def decode_crop_resize(image_bytes, offsets, *, resize_size, crop_size,
 
   def bilinear():
     if op is not None:  # Clamps points past the window's edge itself.
-      return op(image=img, grid=tf.stack([wy[2], 1.0 / k, wx[2], 1.0 / k]),
+      return op(image=img, grid=tf.stack([first[0], 1 / k, first[1], 1 / k]),
                 height=crop_size, width=crop_size,
                 out_type=tf.uint8 if as_uint8 else tf.float32)
     # Points past the square's edge (upsampling only) clamp to it, as in
@@ -234,20 +239,17 @@ def decode_crop_resize(image_bytes, offsets, *, resize_size, crop_size,
     pad = tf.cast(k > 1.0, tf.int32)
     padded = tf.cond(k > 1.0, lambda: _repeat_edges(img), lambda: img)
     pf = tf.cast(pad, tf.float32)
-    hp = tf.cast(wy[1] - 1 + 2 * pad, tf.float32)  # (padded size) - 1.
-    wp = tf.cast(wx[1] - 1 + 2 * pad, tf.float32)
-    box = tf.stack([(wy[2] + pf) / hp, (wx[2] + pf) / wp,
-                    (wy[3] + pf) / hp, (wx[3] + pf) / wp])
+    steps = tf.cast(size - 1 + 2 * pad, tf.float32)  # (padded size) - 1.
+    box = tf.concat([(first + pf) / steps, (last + pf) / steps], 0)
     return rounded(tf.image.crop_and_resize(padded[None], box[None], [0],
                                             [crop_size, crop_size])[0])
 
   def smoothed():
     # Output j samples window coordinate (j + 0.5 - t) / k (centre units).
-    ty = k * tf.cast(wy[0], tf.float32) - tf.cast(offsets[0], tf.float32)
-    tx = k * tf.cast(wx[0], tf.float32) - tf.cast(offsets[1], tf.float32)
+    t = k * tf.cast(lo, tf.float32) - tf.cast(offsets, tf.float32)
     return rounded(tf.raw_ops.ScaleAndTranslate(
         images=img[None], size=[crop_size, crop_size], scale=tf.stack([k, k]),
-        translation=tf.stack([ty, tx]), kernel_type='triangle',
+        translation=t, kernel_type='triangle',
         antialias=True)[0])
 
   branch = tf.where(tf.equal(k, 1.0), 0, tf.where(smooth, 2, 1))

@@ -164,23 +164,23 @@ def main():
     (plus the bilinear resample to the crop, rounded to uint8, by
     `resample`: 'native' or 'tf')."""
     limit = d.resize_size - d.crop_size
-    offsets = pp.crop_offsets(tf.random.experimental.stateless_split(s, 3)[0],
-                              limit, limit)
+    offsets = tf.stack(pp.crop_offsets(
+        tf.random.experimental.stateless_split(s, 3)[0], limit, limit))
     shape = tf.image.extract_jpeg_shape(x)
     oy, ox, side = pp._square(shape[0], shape[1])
-    wy, wx = (pp._window(c, side, d.resize_size, d.crop_size, 1.0)
-              for c in offsets)
+    lo, size, first, last = pp._window(offsets, side, d.resize_size,
+                                       d.crop_size, 1.0)
     img = tf.image.decode_and_crop_jpeg(
-        x, tf.stack([oy + wy[0], ox + wx[0], wy[1], wx[1]]), channels=3)
+        x, tf.concat([tf.stack([oy, ox]) + lo, size], 0), channels=3)
     if not resample:
       return img[:1, :1]
     if resample == 'native':
       step = tf.cast(side, tf.float32) / d.resize_size
       return native.resample_op('native')(
-          image=img, grid=tf.stack([wy[2], step, wx[2], step]),
+          image=img, grid=tf.stack([first[0], step, first[1], step]),
           height=d.crop_size, width=d.crop_size)
-    hp, wp = (tf.cast(w[1] - 1, tf.float32) for w in (wy, wx))
-    box = tf.stack([wy[2] / hp, wx[2] / wp, wy[3] / hp, wx[3] / wp])
+    steps = tf.cast(size - 1, tf.float32)
+    box = tf.concat([first / steps, last / steps], 0)
     return tf.cast(tf.image.crop_and_resize(
         img[None], box[None], [0], [d.crop_size, d.crop_size])[0] + 0.5,
                    tf.uint8)
@@ -213,6 +213,10 @@ def main():
   crop = (d.crop_size, d.crop_size, 3)
   noop = lambda x, s: (tf.zeros(crop, tf.uint8), tf.zeros([2], tf.int32),
                        tf.constant(False), tf.zeros([3]))
+  # The whole image decoded, one pixel of it broadcast to the crop's shape.
+  bare_decode = lambda x, s: (
+      tf.broadcast_to(tf.io.decode_jpeg(x, channels=3)[:1, :1], crop),
+      tf.zeros([2], tf.int32), tf.constant(False), tf.zeros([3]))
   with tempfile.TemporaryDirectory() as root:
     for full, prepared in [('full train pipeline (folder, batches of 64)',
                             False),
@@ -224,6 +228,9 @@ def main():
                             os.path.join(root, str(prepared)), prepared)
       steps = source.num_examples // 64
       rows = {full: None}  # None: the train augmentation.
+      if not prepared:
+        rows['the same pipeline with a bare decode (its own baseline)'] = (
+            bare_decode)
       if prepared:
         rows['pre-resized 256: the same with a no-op decode (the '
              "pipeline's own ceiling)"] = noop

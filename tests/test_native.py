@@ -57,6 +57,8 @@ def test_op_matches_numpy(h, w, c, grid):
   assert rounded.dtype == np.uint8
   # Rounded half up; float32 rounding may flip a value within 2e-3 of .5.
   assert np.abs(rounded - want).max() <= 0.5 + 2e-3
+  # The uint8 path (4-lane SSE2 for RGB) does the float path's arithmetic.
+  np.testing.assert_array_equal(rounded, np.floor(got + np.float32(0.5)))
   if grid[1] == grid[3] == 1.0:  # Whole pixels: the pixels themselves.
     np.testing.assert_array_equal(rounded, image[3:59, 5:61])
 
