@@ -1,9 +1,10 @@
 """The train augmentation's bilinear resample as a compiled TensorFlow op.
 
-TensorFlow's `crop_and_resize` costs as much as decoding the JPEG it
-resamples (~0.85 vs ~1.0 CPU-ms per ImageNet-sized image on the project's
+TensorFlow's `crop_and_resize` costs nearly as much as decoding the JPEG it
+resamples (~0.9 vs ~1.1 CPU-ms per ImageNet-sized image on the project's
 VM); `resample.cc` does the same bilinear filter at the same sampling points
-in a fraction of that (docs/BENCHMARKS_input.md, attempt 15). It is compiled
+in ~0.15 ms, and the train augmentation runs at 77-80% of the bare decode
+rate instead of 50% (docs/BENCHMARKS_input.md, attempt 15). It is compiled
 against the installed TensorFlow on first use, with the C++ compiler named
 by $CXX (default g++), into a cache directory ($ALEXNET_JAX_CACHE_DIR,
 default ~/.cache/alexnet_jax), once per source, TensorFlow and compiler:
@@ -115,7 +116,7 @@ def resample_op(choice):
 @functools.cache
 def _warn_once(reason):
   logging.warning('The native resample op is not available (%s); using '
-                  'TensorFlow\'s crop_and_resize (the same crops, ~1.4x '
+                  'TensorFlow\'s crop_and_resize (the same crops, ~1.5x '
                   'slower augmentation). --config.data.resample=tf silences '
                   'this.', reason)
 

@@ -140,7 +140,7 @@ def get_config(variant: str = ''):
   d.train_antialias_above = 2.0
   # That bilinear resample: 'native' is a compiled op (alexnet_jax/
   # resample.cc, built with $CXX on first use, ~15 s, then cached), 'tf'
-  # TensorFlow's crop_and_resize (the same crops, ~1.4x slower augmentation),
+  # TensorFlow's crop_and_resize (the same crops, ~1.5x slower augmentation),
   # 'auto' native if it builds, else tf with a warning (alexnet_jax/native.py).
   d.resample = 'auto'
   # A pre-resized copy (the paper's trick) written by `python -m
