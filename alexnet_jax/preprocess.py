@@ -146,7 +146,7 @@ def _window(c, s, resize_size, crop_size, radius, margin=2):
   lo = tf.clip_by_value(tf.cast(tf.floor(v0 - radius), tf.int32) - margin,
                         0, s - 1)
   hi = tf.clip_by_value(tf.cast(tf.math.ceil(v1 + radius), tf.int32) + 1 +
-                        margin, lo + 1, tf.broadcast_to(s, tf.shape(lo)))
+                        margin, lo + 1, s)
   lof = tf.cast(lo, tf.float32)
   return lo, hi - lo, v0 - lof, v1 - lof
 
