@@ -75,8 +75,12 @@ def build(directory=None, cxx=None):
     fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
     os.close(fd)
     try:
-      result = subprocess.run(_command(cxx, SOURCE, tmp), capture_output=True,
-                              text=True, timeout=600, check=False)
+      try:
+        result = subprocess.run(_command(cxx, SOURCE, tmp),
+                                capture_output=True, text=True, timeout=600,
+                                check=False)
+      except subprocess.TimeoutExpired as e:
+        raise BuildError(f'{cxx} took over {e.timeout:.0f} s') from e
       if result.returncode:
         raise BuildError(f'{cxx} failed (exit {result.returncode}):\n'
                          f'{result.stderr[-4000:]}')
@@ -91,7 +95,11 @@ def build(directory=None, cxx=None):
 
 @functools.cache
 def _load():
-  return tf.load_op_library(build()).alexnet_bilinear_resample
+  """(the op, None) or (None, why not): built and loaded once a process."""
+  try:
+    return tf.load_op_library(build()).alexnet_bilinear_resample, None
+  except (BuildError, tf.errors.NotFoundError, OSError) as e:
+    return None, e
 
 
 def resample_op(choice):
@@ -101,16 +109,16 @@ def resample_op(choice):
     raise ValueError(f'config.data.resample={choice!r}: use one of {CHOICES}.')
   if choice == 'tf':
     return None
-  try:
-    return _load()
-  except (BuildError, tf.errors.NotFoundError, OSError) as e:
+  op, error = _load()
+  if error is not None:
     if choice == 'native':
       raise BuildError(
-          f'config.data.resample=native: cannot build {SOURCE} ({e}). '
+          f'config.data.resample=native: cannot build {SOURCE} ({error}). '
           'Install a C++ compiler (e.g. g++) or set --config.data.resample=tf '
-          '(TensorFlow\'s crop_and_resize: the same crops, slower).') from e
-    _warn_once(str(e))
-    return None
+          '(TensorFlow\'s crop_and_resize: the same crops, slower).'
+      ) from error
+    _warn_once(str(error))
+  return op
 
 
 @functools.cache
