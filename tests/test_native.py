@@ -2,6 +2,7 @@
 output against numpy, against TensorFlow's crop_and_resize path, and its
 build: cached, built once by concurrent processes, clear errors."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -34,10 +35,17 @@ def numpy_bilinear(image, grid, size):
   return top * (1 - fy[:, None, None]) + bottom * fy[:, None, None]
 
 
+# Without a compiler the op cannot exist ('auto' then uses crop_and_resize,
+# which the other test files cover); CI's machines have g++.
+needs_compiler = pytest.mark.skipif(
+    shutil.which(os.environ.get('CXX', 'g++')) is None,
+    reason='no C++ compiler to build the native resample op')
+
+
 # (h, w, c, grid): downscaling, upscaling with points past every edge, a
 # whole-pixel grid, one-pixel-wide and one-pixel-high images, one channel.
 CASES = [(300, 280, 3, (1.7, 1.33, 2.2, 1.37)),
-         (30, 40, 3, (-2.5, 0.21, -1.0, 0.31)),
+         (30, 40, 3, (-2.5, 0.62, -1.0, 0.8)),
          (64, 80, 3, (3.0, 1.0, 5.0, 1.0)),
          (50, 1, 3, (0.2, 0.7, 0.0, 0.5)),
          (1, 50, 3, (0.0, 0.5, 0.3, 0.7)),
@@ -45,6 +53,7 @@ CASES = [(300, 280, 3, (1.7, 1.33, 2.2, 1.37)),
 
 
 @pytest.mark.parametrize('h,w,c,grid', CASES)
+@needs_compiler
 def test_op_matches_numpy(h, w, c, grid):
   image = np.random.default_rng(h * w).integers(0, 256, (h, w, c), np.uint8)
   op = native.resample_op('native')
@@ -63,6 +72,7 @@ def test_op_matches_numpy(h, w, c, grid):
     np.testing.assert_array_equal(rounded, image[3:59, 5:61])
 
 
+@needs_compiler
 def test_op_rejects_bad_input():
   op = native.resample_op('native')
   with pytest.raises(tf.errors.InvalidArgumentError, match='4 values'):
@@ -76,6 +86,7 @@ def test_op_rejects_bad_input():
        height=2, width=2)
 
 
+@needs_compiler
 @pytest.mark.parametrize('h,w,fmt', SIZES)
 def test_native_and_tf_paths_give_the_same_crops(h, w, fmt):
   """decode_crop_resize with the op and with crop_and_resize: the same
