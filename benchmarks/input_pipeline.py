@@ -22,7 +22,10 @@ smooth content plus noise), then times, in one run, images/s through tf.data
   ... + float on host  the same plus preprocess.train_finish in tf.data (what
                        a host without an accelerator pays)
   full train pipeline  input_pipeline.train_dataset on a folder of the files
-                       (file reads, per-batch decode with skip-and-count)
+                       (file reads, per-batch decode with skip-and-count),
+                       and once more with a bare decode of each whole image
+                       in place of the augmentation (that pipeline's own
+                       baseline)
   pre-resized 256      on copies stored as 256x256 JPEGs (the paper's trick;
                        made as alexnet_jax/prepare.py does); the full
                        pipeline row reads prepare.py's own output, and once
