@@ -231,12 +231,12 @@ def main():
                             os.path.join(root, str(prepared)), prepared)
       steps = source.num_examples // 64
       rows = {full: None}  # None: the train augmentation.
-      if not prepared:
-        rows['the same pipeline with a bare decode (its own baseline)'] = (
-            bare_decode)
       if prepared:
         rows['pre-resized 256: the same with a no-op decode (the '
              "pipeline's own ceiling)"] = noop
+      else:
+        rows['the same pipeline with a bare decode (its own baseline)'] = (
+            bare_decode)
       for name, fn in rows.items():
         built[name] = ip.train_dataset(cfg, source, 64, steps, 0,
                                        example_fn=fn)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from alexnet_jax import input_pipeline as ip
 from alexnet_jax import native
 from alexnet_jax import preprocess as pp
+from configs import alexnet
 from tests.test_preprocess import SIZES, smooth_jpeg
 
 
@@ -103,6 +105,30 @@ def test_native_and_tf_paths_give_the_same_crops(h, w, fmt):
         assert np.abs(a - b).max() <= 1 and np.mean(a != b) < 1e-3
       else:
         np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def _op_types(fn):
+  """Op types in fn's traced graph, branch functions included."""
+  graph = tf.function(fn).get_concrete_function(
+      tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)
+  ).graph.as_graph_def()
+  nodes = list(graph.node)
+  for f in graph.library.function:
+    nodes += f.node_def
+  return {n.op for n in nodes}
+
+
+@needs_compiler
+def test_training_pipeline_uses_the_configured_resample():
+  """config.data.resample reaches the train augmentation the pipeline
+  builds: the op in its graph with 'auto' (a compiler is here), not with
+  'tf' (crop_and_resize instead)."""
+  config = alexnet.get_config()
+  ops = _op_types(ip.train_example_fn(config))
+  assert 'AlexnetBilinearResample' in ops
+  config.data.resample = 'tf'
+  ops = _op_types(ip.train_example_fn(config))
+  assert 'AlexnetBilinearResample' not in ops and 'CropAndResize' in ops
 
 
 def test_unknown_choice_is_refused():
