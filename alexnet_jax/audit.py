@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from alexnet_jax import mesh as mesh_lib
-from alexnet_jax.model import conv_layer_names
 
 _KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'collective-permute',
           'all-to-all')
@@ -107,23 +106,22 @@ def exchange_table(model, image_size: int):
   way (reduce-scatter for a gather; nothing for fc8's sum, whose transpose is
   a broadcast).
   """
-  # The per-tower input of each exchange, from the model's own shapes.
-  shapes = []
+  # Each exchange's layer and per-tower input, from the model's own calls.
+  exchanges = []
 
   def record(next_fun, args, kwargs, context):
     if context.method_name == '_exchange':
-      shapes.append(args[0][0].shape)
+      layer, xs = args
+      exchanges.append((layer, xs[0].shape))
     return next_fun(*args, **kwargs)
 
   image = jnp.zeros((1, image_size, image_size, 3))
   params = jax.eval_shape(model.init, jax.random.PRNGKey(0), image)
   with nn.intercept_methods(record):
     jax.eval_shape(model.apply, params, image)
-  names = [l for l in conv_layer_names(len(model.conv_features)) +
-           ('fc6', 'fc7') if l in model.exchange]
   t = model.num_towers
   rows = []
-  for name, shape in zip(names, shapes):
+  for name, shape in exchanges:
     per_tower = math.prod(shape[1:])
     rows.append({'layer': name, 'kind': 'all-gather',
                  'floats_per_tower': per_tower,

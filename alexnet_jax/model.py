@@ -5,16 +5,19 @@ parameter has a leading tower dimension, so `PartitionSpec('tower')` puts each
 tower's weights on its own device of the mesh's `tower` axis (see mesh.py).
 
 Inside `jax.shard_map` a device holds `num_towers // tower_axis_size` towers
-("local towers") and runs them one after the other with plain convolutions.
-The towers talk in exactly one place, `_exchange` (and fc8's psum): the paper's
-GPUs exchanged feature maps at conv3, fc6, fc7 and fc8, nowhere else.
+("local towers") and runs them one after the other. The towers talk in
+exactly one place, `_exchange` (and fc8's psum): the paper's GPUs exchanged
+feature maps at conv3, fc6, fc7 and fc8, nowhere else.
+
+A layer's input is either a list, one array per local tower (each tower reads
+its own maps), or `Shared`: one array every local tower reads (the image for
+conv1, or all towers' maps after an exchange).
 
 Outside shard_map (`tower_axis=None`) the same module runs every tower on one
 device; that is how it is initialised.
 """
 
-import functools
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -22,22 +25,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from alexnet_jax.conv import conv
+from alexnet_jax.lrn import lrn
 from alexnet_jax.pool import max_pool
 
-# conv1's kernel is 11x11 with stride 4, conv2's 5x5, the rest 3x3 at stride
-# 1 (Figure 2). A net of another depth (len(conv_features) != 5) keeps conv1
-# and conv2 and has len - 2 such 3x3 layers, the last one pooled.
-CONV_KERNEL = {'conv1': 11, 'conv2': 5}
-CONV_STRIDE = {'conv1': 4}
+
+class Shared(NamedTuple):
+  """The one input every local tower's layer reads: the image (conv1), or
+  every tower's maps gathered by an exchange."""
+  x: jax.Array
 
 
-def conv_layer_names(depth: int):
-  if depth < 3:
-    raise ValueError(f'conv_features needs at least 3 layers, got {depth}.')
-  return tuple(f'conv{i + 1}' for i in range(depth))
-# Dropout keys are folded with a per-layer constant so that masks are a pure
-# function of (rng, layer, tower, example) whatever the mesh.
-_DROPOUT_LAYER_ID = {'fc6': 6, 'fc7': 7}
+Towers = List[jax.Array]  # One array per local tower.
+LayerInput = Union[Shared, Towers]
 
 
 def conv1_padding(mode: str, image_size: int, kernel: int = 11, stride: int = 4):
@@ -55,65 +54,14 @@ def conv1_padding(mode: str, image_size: int, kernel: int = 11, stride: int = 4)
                    f"'torchvision', got {mode!r}.")
 
 
-def lrn(x, *, k, n, alpha, beta, alpha_over_n=False):
-  """Local response normalisation across the channels of one tower (§3.3).
-
-  b_i = a_i / (k + alpha * sum_{j=i-n//2}^{i+n//2} a_j^2)^beta, the window
-  clipped at the tower's channel edges. The window sum is a matmul with a
-  banded 0/1 matrix, which XLA runs as fast as any dot.
-  """
-  scale = alpha / n if alpha_over_n else alpha
-  return _lrn(x, float(k), int(n), float(scale), float(beta))
-
-
-def _lrn_band(x, n):
-  idx = jnp.arange(x.shape[-1])
-  return (jnp.abs(idx[:, None] - idx[None, :]) <= n // 2).astype(x.dtype)
-
-
-def _lrn_denominator(x, k, n, scale):
-  return k + scale * jnp.dot(x * x, _lrn_band(x, n))
-
-
-def _pow_minus(d, beta):
-  """d ** -beta; for 0.75 as rsqrt * sqrt(rsqrt), cheaper than a power."""
-  if beta == 0.75:
-    r = lax.rsqrt(d)
-    return r * jnp.sqrt(r)
-  return d ** -beta
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _lrn(x, k, n, scale, beta):
-  return x * _pow_minus(_lrn_denominator(x, k, n, scale), beta)
-
-
-def _lrn_fwd(x, k, n, scale, beta):
-  d = _lrn_denominator(x, k, n, scale)
-  return x * _pow_minus(d, beta), (x, d)
-
-
-def _lrn_bwd(k, n, scale, beta, residuals, dy):
-  """dx_j = dy_j d_j^-beta - 2 scale beta x_j sum_{i: j in window(i)}
-  dy_i x_i d_i^(-beta-1): two elementwise passes around one band matmul
-  (the band is symmetric), where autodiff keeps and re-reads several
-  intermediates."""
-  x, d = residuals
-  p = _pow_minus(d, beta)
-  back = jnp.dot(dy * x * p / d, _lrn_band(x, n))
-  return (dy * p - (2 * scale * beta) * x * back,)
-
-
-_lrn.defvjp(_lrn_fwd, _lrn_bwd)
-
-
 def dropout_mask(rng, layer: str, tower, example_ids, shape, rate):
   """Keep-mask of shape (len(example_ids),) + shape, scaled by 1/(1-rate).
 
   A function of (rng, layer, global tower index, global example index) only,
-  so a sharded step draws the same masks as a single-device one.
+  so a sharded step draws the same masks as a single-device one. `layer` is
+  'fc6' or 'fc7'; its number keys the draws.
   """
-  key = jax.random.fold_in(rng, _DROPOUT_LAYER_ID[layer])
+  key = jax.random.fold_in(rng, int(layer.removeprefix('fc')))
   key = jax.random.fold_in(key, tower)
   keep = jnp.float32(1.0 - rate)  # float32 draws, whatever jax_enable_x64.
 
@@ -139,7 +87,14 @@ class _LayerParams(nn.Module):
 
 
 class AlexNet(nn.Module):
-  """AlexNet. Call with images (B, H, W, 3) on the 0-255 mean-subtracted scale."""
+  """AlexNet. Call with images (B, H, W, 3) on the 0-255 mean-subtracted scale.
+
+  conv_features has one width per conv layer: conv1 (11x11, stride 4) and
+  conv2 (5x5) are followed by LRN and a pool, the rest are 3x3 layers, the
+  last one pooled (5 layers: the paper's; `deeper`/`shallower` add or remove
+  a 3x3 layer). `exchange` names the layers whose towers read every tower's
+  maps.
+  """
   num_classes: int = 1000
   num_towers: int = 2
   conv_features: Sequence[int] = (48, 128, 192, 192, 128)
@@ -167,12 +122,177 @@ class AlexNet(nn.Module):
   tower_axis: Optional[str] = None
   tower_axis_size: int = 1
 
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, dropout_rng=None,
+               example_ids=None):
+    """Logits (B, num_classes), float32.
+
+    train: apply dropout (needs `dropout_rng`). example_ids: the global index
+    of each example in the global batch (default arange(B)), which keys its
+    dropout masks.
+    """
+    self._check_shapes()
+    widths = [self._width(f) for f in self.conv_features]
+    if example_ids is None:
+      example_ids = jnp.arange(images.shape[0])
+
+    # conv1 (11x11, stride 4): every tower reads the whole image.
+    xs = self._conv('conv1', Shared(images.astype(self.dtype)), widths[0], 11,
+                    stride=4, padding=conv1_padding(self.conv1_padding,
+                                                    images.shape[1]))
+    xs = self._pool(self._lrn(xs))
+    # conv2 (5x5): each tower reads its own conv1 maps.
+    xs = self._conv('conv2', self._maybe_exchange('conv2', xs), widths[1], 5)
+    xs = self._pool(self._lrn(xs))
+    # conv3, conv4, conv5 (3x3): conv3 reads both towers' maps (an exchange).
+    for i, features in enumerate(widths[2:], start=3):
+      layer = f'conv{i}'
+      xs = self._conv(layer, self._maybe_exchange(layer, xs), features, 3)
+    xs = self._flatten(self._pool(xs), images.shape)
+    # fc6, fc7: each reads both towers' units (an exchange); dropout (§4.2).
+    for layer in ('fc6', 'fc7'):
+      xs = self._dense(layer, self._maybe_exchange(layer, xs),
+                       self._width(self.fc_features))
+      if train:
+        xs = self._dropout(layer, xs, dropout_rng, example_ids)
+      # The hidden features (Figure 4's nearest neighbours use fc7), when
+      # 'intermediates' is mutable.
+      self.sow('intermediates', f'{layer}_features', xs)
+    # fc8 reads both towers' fc7: a split matmul, partial logits summed.
+    return self._fc8(xs)
+
+  # -------------------------------------------------------------- layers
+  def _conv(self, layer, inputs: LayerInput, features, size, stride=1,
+            padding=None) -> Towers:
+    """Each local tower's convolution -> bias -> activation. Padding: 'SAME'
+    at stride 1 unless given (conv1)."""
+    l = self.num_local_towers
+    x0 = inputs.x if isinstance(inputs, Shared) else inputs[0]
+    kernel, bias = self._params(
+        layer, (l, size, size, x0.shape[-1], features), (l, features))
+    padding = padding or ((size // 2, size // 2),) * 2
+    k = self.conv_kernel_grad
+    if isinstance(inputs, Shared) and l > 1:
+      # One call for the towers that read the same input: conv.py then
+      # computes their weight gradients together.
+      ys = conv(inputs.x, kernel, stride, padding, k)
+    else:
+      xs = [inputs.x] if isinstance(inputs, Shared) else inputs
+      ys = [conv(x, kernel[t:t + 1], stride, padding, k)[0]
+            for t, x in enumerate(xs)]
+    return [self._act(y + bias[t]) for t, y in enumerate(ys)]
+
+  def _dense(self, layer, inputs: LayerInput, features) -> Towers:
+    """xs[t] @ kernel[t] -> bias -> activation for each local tower."""
+    l = self.num_local_towers
+    xs = [inputs.x] * l if isinstance(inputs, Shared) else inputs
+    kernel, bias = self._params(layer, (l, xs[0].shape[-1], features),
+                                (l, features))
+    if l == 1:
+      # A plain matmul: the batched form below would have XLA:CPU transpose
+      # the kernel's gradient in a copy.
+      ys = [jnp.dot(xs[0], kernel.reshape(kernel.shape[1:]))]
+    else:
+      # Without slicing the kernel (XLA:CPU copies a kernel[t] out before its
+      # dot: 75 MB for fc6).
+      ys = list(jnp.einsum('lbk,lkn->lbn', jnp.stack(xs), kernel))
+    return [self._act(y + bias[t]) for t, y in enumerate(ys)]
+
+  def _fc8(self, xs: Towers):
+    """W8 @ concat(h7_1, h7_2) = sum_t W8[t] @ h7_t (§3.5): this device's
+    towers in one matmul, then the sum over the tower axis. Its bias, added
+    once after the sum, is the one parameter of no tower."""
+    kernel, bias = self._params(
+        'fc8', (self.num_local_towers, xs[0].shape[-1], self.num_classes),
+        (self.num_classes,))
+    out = jnp.promote_types(self.dtype, jnp.float32)  # float32 from bfloat16.
+    logits = jnp.dot(jnp.concatenate(xs, axis=-1),
+                     kernel.reshape(-1, self.num_classes),
+                     preferred_element_type=out)
+    if self.tower_axis is not None:
+      logits = lax.psum(logits, self.tower_axis)
+    return logits + bias.astype(out)
+
+  def _lrn(self, xs: Towers) -> Towers:
+    """LRN (§3.3) within each tower's maps, if `use_lrn`."""
+    if not self.use_lrn:
+      return xs
+    return [lrn(x, k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha,
+                beta=self.lrn_beta, alpha_over_n=self.lrn_alpha_over_n)
+            for x in xs]
+
+  def _pool(self, xs: Towers) -> Towers:
+    """Overlapping max-pooling, 3x3 at stride 2 by default (§3.4)."""
+    return [max_pool(x, self.pool_window, self.pool_stride) for x in xs]
+
+  def _dropout(self, layer, xs: Towers, rng, example_ids) -> Towers:
+    if self.dropout_rate <= 0:
+      return xs
+    return [x * dropout_mask(rng, layer, self._tower_index(t), example_ids,
+                             x.shape[1:], self.dropout_rate).astype(x.dtype)
+            for t, x in enumerate(xs)]
+
+  def _flatten(self, xs: Towers, image_shape) -> Towers:
+    if 0 in xs[0].shape:
+      raise ValueError(f'{image_shape[1]}x{image_shape[2]} images are too '
+                       'small for this network: pool5 has no output. Use '
+                       'larger crops (the paper uses 224).')
+    return [x.reshape(x.shape[0], -1) for x in xs]
+
+  # ------------------------------------------------- the towers' exchange
+  def _maybe_exchange(self, layer, xs: Towers) -> LayerInput:
+    """What `layer`'s towers read: every tower's maps (the exchange) if
+    `layer` is in `exchange`, else each tower its own."""
+    return Shared(self._exchange(layer, xs)) if layer in self.exchange else xs
+
+  def _exchange(self, layer, xs: Towers):
+    """The paper's cross-GPU exchange before `layer`: every tower gets every
+    tower's maps.
+
+    xs: one array per local tower. Returns the channel-wise concatenation of
+    all `num_towers` towers' arrays, in tower order: an all_gather over the
+    mesh's tower axis (a no-op copy when one device holds every tower).
+    """
+    del layer  # Named for readers and for audit.exchange_table.
+    x = jnp.stack(xs)  # (L, B, ..., C)
+    if self.tower_axis is not None:
+      x = lax.all_gather(x, self.tower_axis, axis=0, tiled=True)  # (T, ...)
+    return jnp.concatenate(list(x), axis=-1)
+
+  # ------------------------------------------------------------- helpers
   @property
   def num_local_towers(self):
     return self.num_towers // self.tower_axis_size
 
+  def _tower_index(self, local):
+    """Global index of local tower `local` on this device."""
+    if self.tower_axis is None:
+      return local
+    return lax.axis_index(self.tower_axis) * self.num_local_towers + local
+
+  def _check_shapes(self):
+    if self.num_towers % self.tower_axis_size:
+      raise ValueError(f'The tower axis ({self.tower_axis_size} devices) must '
+                       f'divide num_towers={self.num_towers}.')
+    if len(self.conv_features) < 3:
+      raise ValueError('conv_features needs at least 3 layers, got '
+                       f'{len(self.conv_features)}.')
+    layers = [f'conv{i}' for i in range(2, len(self.conv_features) + 1)]
+    unknown = set(self.exchange) - set(layers + ['fc6', 'fc7'])
+    if unknown:
+      raise ValueError(f'model.exchange names {sorted(unknown)}: the towers '
+                       f'can exchange before {", ".join(layers)}, fc6 or fc7 '
+                       '(fc8 always reads both towers).')
+
   def _width(self, w):
     return max(1, int(round(w * self.width_multiplier)))
+
+  def _params(self, layer, kernel_shape, bias_shape):
+    """A layer's kernel and bias, params[layer]['kernel'|'bias']."""
+    kernel, bias = _LayerParams(tuple(kernel_shape), tuple(bias_shape),
+                                self._kernel_init(), self._bias_init(layer),
+                                name=layer)()
+    return kernel.astype(self.dtype), bias.astype(self.dtype)
 
   def _kernel_init(self):
     if self.init_scheme == 'paper':
@@ -188,13 +308,6 @@ class AlexNet(nn.Module):
       return nn.initializers.ones
     return nn.initializers.zeros
 
-  def _params(self, layer, kernel_shape, bias_shape):
-    """A layer's kernel and bias, params[layer]['kernel'|'bias']."""
-    kernel, bias = _LayerParams(tuple(kernel_shape), tuple(bias_shape),
-                                self._kernel_init(), self._bias_init(layer),
-                                name=layer)()
-    return kernel.astype(self.dtype), bias.astype(self.dtype)
-
   def _act(self, x):
     if self.activation == 'relu':
       return nn.relu(x)
@@ -202,131 +315,6 @@ class AlexNet(nn.Module):
       return jnp.tanh(x)
     raise ValueError(f"activation must be 'relu' or 'tanh', got "
                      f"{self.activation!r}.")
-
-  def _pool(self, x):
-    return max_pool(x, self.pool_window, self.pool_stride)
-
-  def _conv_towers(self, xs, kernel, stride, padding):
-    """Each local tower's convolution of xs[t] with kernel[t]; towers that
-    read the same input (conv1, and a layer after an exchange) go together
-    (conv.py: their weight gradients are computed at once)."""
-    k = self.conv_kernel_grad
-    if len(xs) > 1 and all(x is xs[0] for x in xs):
-      return conv(xs[0], kernel, stride, padding, k)
-    return [conv(x, kernel[t:t + 1], stride, padding, k)[0]
-            for t, x in enumerate(xs)]
-
-  def _dense_towers(self, xs, kernel):
-    """xs[t] @ kernel[t] for each local tower, without slicing the kernel
-    (XLA:CPU copies a kernel[t] out before its dot: 75 MB for fc6)."""
-    if len(xs) == 1:
-      # A plain matmul: the batched form below would have XLA:CPU transpose
-      # the kernel's gradient in a copy.
-      return [jnp.dot(xs[0], kernel.reshape(kernel.shape[1:]))]
-    return list(jnp.einsum('lbk,lkn->lbn', jnp.stack(xs), kernel))
-
-  def _tower_index(self, local):
-    """Global index of local tower `local` on this device."""
-    if self.tower_axis is None:
-      return local
-    return lax.axis_index(self.tower_axis) * self.num_local_towers + local
-
-  def _exchange(self, xs):
-    """The paper's cross-GPU exchange: every tower gets every tower's maps.
-
-    xs: one array per local tower. Returns the channel-wise concatenation of
-    all `num_towers` towers' arrays, in tower order: an all_gather over the
-    mesh's tower axis (a no-op copy when one device holds every tower).
-    """
-    x = jnp.stack(xs)  # (L, B, ..., C)
-    if self.tower_axis is not None:
-      x = lax.all_gather(x, self.tower_axis, axis=0, tiled=True)  # (T, ...)
-    return jnp.concatenate(list(x), axis=-1)
-
-  @nn.compact
-  def __call__(self, images, *, train: bool = False, dropout_rng=None,
-               example_ids=None):
-    """Logits (B, num_classes), float32.
-
-    train: apply dropout (needs `dropout_rng`). example_ids: the global index
-    of each example in the global batch (default arange(B)), which keys its
-    dropout masks.
-    """
-    l = self.num_local_towers
-    if self.num_towers % self.tower_axis_size:
-      raise ValueError(f'The tower axis ({self.tower_axis_size} devices) must '
-                       f'divide num_towers={self.num_towers}.')
-    x = images.astype(self.dtype)
-    xs = [x] * l  # conv1 of every tower reads the whole image.
-
-    # ------------------------------------------------- convolutional layers
-    names = conv_layer_names(len(self.conv_features))
-    for i, layer in enumerate(names):
-      if layer in self.exchange:
-        xs = [self._exchange(xs)] * l
-      size, stride = CONV_KERNEL.get(layer, 3), CONV_STRIDE.get(layer, 1)
-      features = self._width(self.conv_features[i])
-      kernel, bias = self._params(
-          layer, (l, size, size, xs[0].shape[-1], features), (l, features))
-      if layer == 'conv1':
-        padding = conv1_padding(self.conv1_padding, images.shape[1], size,
-                                stride)
-      else:
-        padding = ((size // 2, size // 2),) * 2  # 'SAME' at stride 1.
-      ys = []
-      for t, y in enumerate(self._conv_towers(xs, kernel, stride, padding)):
-        y = self._act(y + bias[t])
-        if layer in ('conv1', 'conv2'):
-          if self.use_lrn:
-            y = lrn(y, k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha,
-                    beta=self.lrn_beta, alpha_over_n=self.lrn_alpha_over_n)
-          y = self._pool(y)
-        elif layer == names[-1]:
-          y = self._pool(y)
-        ys.append(y)
-      xs = ys
-
-    if 0 in xs[0].shape:
-      raise ValueError(f'{images.shape[1]}x{images.shape[2]} images are too '
-                       'small for this network: pool5 has no output. Use '
-                       'larger crops (the paper uses 224).')
-    xs = [x.reshape(x.shape[0], -1) for x in xs]
-
-    # ------------------------------------------------- fully connected
-    if example_ids is None:
-      example_ids = jnp.arange(images.shape[0])
-    for layer in ('fc6', 'fc7'):
-      if layer in self.exchange:
-        xs = [self._exchange(xs)] * l
-      features = self._width(self.fc_features)
-      kernel, bias = self._params(layer, (l, xs[0].shape[-1], features),
-                                  (l, features))
-      ys = []
-      for t, y in enumerate(self._dense_towers(xs, kernel)):
-        y = self._act(y + bias[t])
-        if train and self.dropout_rate > 0:
-          mask = dropout_mask(dropout_rng, layer, self._tower_index(t),
-                              example_ids, y.shape[1:], self.dropout_rate)
-          y = y * mask.astype(y.dtype)
-        ys.append(y)
-      xs = ys
-      # The hidden features (Figure 4's nearest neighbours use fc7): a list of
-      # this device's towers' activations, when 'intermediates' is mutable.
-      self.sow('intermediates', f'{layer}_features', xs)
-
-    # fc8 reads both towers' fc7 (§3.5): a split matmul whose partial logits
-    # are summed over towers, W8 @ concat(h7_1, h7_2) = sum_t W8[t] @ h7_t
-    # (this device's towers in one matmul, then the sum over the tower axis).
-    # Its bias, added once after the sum, is the one parameter of no tower.
-    kernel, bias = self._params('fc8', (l, xs[0].shape[-1], self.num_classes),
-                                (self.num_classes,))
-    out = jnp.promote_types(self.dtype, jnp.float32)  # float32 from bfloat16.
-    logits = jnp.dot(jnp.concatenate(xs, axis=-1),
-                     kernel.reshape(-1, self.num_classes),
-                     preferred_element_type=out)
-    if self.tower_axis is not None:
-      logits = lax.psum(logits, self.tower_axis)
-    return logits + bias.astype(out)
 
 
 def create_model(model_config, **overrides) -> AlexNet:
