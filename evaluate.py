@@ -21,9 +21,9 @@ a run restores onto any mesh.
 
 import sys
 
-from alexnet_jax import xla_cpu
+from alexnet_jax import startup
 
-xla_cpu.set_flags()  # Before JAX starts (alexnet_jax/xla_cpu.py).
+startup.set_xla_flags()  # Before JAX starts (alexnet_jax/xla_cpu.py).
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -33,6 +33,8 @@ import jax
 from ml_collections import config_flags
 
 from alexnet_jax import evaluate
+from alexnet_jax import run_dir
+from configs import alexnet
 
 _WORKDIRS = flags.DEFINE_multi_string(
     'workdir', None, 'A training run\'s directory; repeat for an ensemble.')
@@ -63,9 +65,8 @@ def _template_config(argv):
   (configs/alexnet.py's defaults when there is none, e.g. for --help)."""
   workdir = _first_workdir(argv)
   try:
-    return evaluate.load_config(workdir)
+    return run_dir.load_config(workdir, alexnet.get_config())
   except (FileNotFoundError, TypeError):  # main() reports a bad workdir.
-    from configs import alexnet  # pylint: disable=g-import-not-at-top
     return alexnet.get_config()
 
 
@@ -90,10 +91,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not _WORKDIRS.value:
     raise app.UsageError('Give --workdir=DIR (repeat it for an ensemble).')
+  startup.quiet_libraries(verbose=logging.get_verbosity() >= 1)
+  startup.hide_gpus_from_tensorflow()
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
   results = evaluate.evaluate_runs(
       _WORKDIRS.value, checkpoint=_CHECKPOINT.value, crops=_CROPS.value,
-      mesh_shape=_mesh_shape(_MESH.value), overrides=overrides)
+      mesh_shape=_mesh_shape(_MESH.value), overrides=overrides,
+      defaults=alexnet.get_config())
   path = evaluate.write_results(results, _WORKDIRS.value[0])
   if jax.process_index() == 0:
     logging.info('Wrote %s.', path)

@@ -17,9 +17,9 @@ needs nothing.
 
 import os
 
-from alexnet_jax import xla_cpu
+from alexnet_jax import startup
 
-xla_cpu.set_flags()  # Before JAX starts (alexnet_jax/xla_cpu.py).
+startup.set_xla_flags()  # Before JAX starts (alexnet_jax/xla_cpu.py).
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -74,6 +74,8 @@ def initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  startup.quiet_libraries(verbose=logging.get_verbosity() >= 1)
+  startup.hide_gpus_from_tensorflow()
   initialize_distributed()
   logging.info('JAX process %d of %d, local devices: %s',
                jax.process_index(), jax.process_count(), jax.local_devices())

@@ -12,8 +12,11 @@ tanh training error). alexnet_jax/report.py does the work.
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from alexnet_jax import report
+from alexnet_jax import startup
+from configs import alexnet
 
 _ROOT = flags.DEFINE_string('root', None, 'The --root of python sweep.py.')
 _OUT = flags.DEFINE_string('out', 'docs/ABLATIONS.md', 'Markdown file to '
@@ -26,6 +29,7 @@ _PREFACE = flags.DEFINE_string('preface_file', None, 'Optional markdown file '
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  startup.quiet_libraries(verbose=logging.get_verbosity() >= 1)
   preface = ''
   if _PREFACE.value:
     with open(_PREFACE.value) as f:
@@ -33,7 +37,8 @@ def main(argv):
   command = f'python report.py --root={_ROOT.value} --out={_OUT.value}'
   if _PREFACE.value:
     command += f' --preface_file={_PREFACE.value}'
-  text, _ = report.build_report(_ROOT.value, _OUT.value, command, preface)
+  text, _ = report.build_report(_ROOT.value, _OUT.value, command, preface,
+                                defaults=alexnet.get_config())
   print(text)
 
 

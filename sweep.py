@@ -20,9 +20,9 @@ in <workdir>/sweep.json.
 
 import os
 
-from alexnet_jax import xla_cpu
+from alexnet_jax import startup
 
-xla_cpu.set_flags()  # Before JAX starts (alexnet_jax/xla_cpu.py).
+startup.set_xla_flags()  # Before JAX starts (alexnet_jax/xla_cpu.py).
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -51,6 +51,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  startup.quiet_libraries(verbose=logging.get_verbosity() >= 1)
+  startup.hide_gpus_from_tensorflow()
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
   if overrides:
     logging.info('Overrides for every variant: %s', overrides)

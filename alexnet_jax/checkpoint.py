@@ -18,7 +18,6 @@ no state of its own: its batches are a function of (seed, step).
   the new mesh (a run trained on 2 towers x 2 data devices restores on one).
 """
 
-import logging
 from typing import Any, Dict, Optional, Tuple
 
 from etils import epath
@@ -29,17 +28,6 @@ from orbax.checkpoint import checkpoint_managers as policies
 from alexnet_jax import train_step as train_step_lib
 
 VAL_ERROR = 'val_top1_error'
-
-
-class _NoMissingMetricWarning(logging.Filter):
-  """Checkpoints saved without an evaluation have no metrics, by design;
-  orbax warns about each (best_fn is set), which says nothing here."""
-
-  def filter(self, record):
-    return 'did not provide metrics' not in record.getMessage()
-
-
-logging.getLogger('absl').addFilter(_NoMissingMetricWarning())
 
 
 def create_manager(directory, checkpoint_config) -> ocp.CheckpointManager:

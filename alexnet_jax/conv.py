@@ -1,9 +1,9 @@
 """2-D convolution (NHWC, HWIO) with a faster kernel gradient on XLA:CPU.
 
-XLA:CPU computes the weight gradient of a convolution (a correlation of the
-layer's input with its output gradient, contracted over batch and space) at
-a fraction of its forward speed: 13-37 GFLOP per CPU-second for AlexNet's
-layers against 60-80 forward (docs/BENCHMARKS.md). `conv(...,
+XLA:CPU's default convolution library computes the weight gradient of a
+convolution (a correlation of the layer's input with its output gradient,
+contracted over batch and space) at a fraction of its forward speed
+(docs/BENCHMARKS.md, "Train step on the CPU"). `conv(...,
 kernel_grad='taps')` computes it as one matmul per kernel tap instead: the
 inputs tap (i, j) saw, (batch*h*w, cin), contracted with the output gradient,
 (batch*h*w, cout). A strided layer is first rearranged space-to-depth
@@ -13,9 +13,8 @@ channels instead of 121 taps over 3. The input gradient and the forward pass
 stay XLA's own.
 
 That holds for XLA:CPU's default convolution library (YNNPACK). With the
-XNNPACK convolutions launch.py asks for (alexnet_jax/xla_cpu.py), XLA's own
-weight gradient is the faster one (the train step 0-16% faster than with
-taps, docs/BENCHMARKS.md, attempt 15), and 'auto' picks it.
+XNNPACK convolutions the entry points ask for (alexnet_jax/xla_cpu.py),
+XLA's own weight gradient is the faster one, and 'auto' picks it.
 """
 
 import functools
@@ -29,7 +28,8 @@ from alexnet_jax import xla_cpu
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _xla_conv(x, kernel, stride, padding):
+def xla_conv(x, kernel, stride, padding):
+  """The convolution as XLA runs and differentiates it."""
   return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                   dimension_numbers=_DIMS)
 
@@ -58,7 +58,7 @@ def conv(x, kernels, stride: int, padding, kernel_grad: str = 'auto'):
   padding = tuple(tuple(p) for p in padding)
   kernel_grad = resolve(kernel_grad)
   if kernel_grad == 'xla':
-    return tuple(_xla_conv(x, k, stride, padding) for k in kernels)
+    return tuple(xla_conv(x, k, stride, padding) for k in kernels)
   if kernel_grad == 'taps':
     # Under shard_map the kernel is replicated over 'data' and the input is
     # not: cast the kernel to varying first, so that the transpose of that
@@ -73,7 +73,7 @@ def conv(x, kernels, stride: int, padding, kernel_grad: str = 'auto'):
 
 
 def kernel_grad_taps(x, dy, kernel_shape, stride, padding):
-  """d(loss)/d(kernel) of `_xla_conv(x, kernel, stride, padding)` given the
+  """d(loss)/d(kernel) of `xla_conv(x, kernel, stride, padding)` given the
   output gradient dy, as one (cin*s*s, cout) matmul per space-to-depth tap."""
   kh, kw, cin, cout = kernel_shape
   b, ho, wo, _ = dy.shape
@@ -101,7 +101,7 @@ def kernel_grad_taps(x, dy, kernel_shape, stride, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_taps(x, kernels, stride, padding):
-  return tuple(_xla_conv(x, k, stride, padding) for k in kernels)
+  return tuple(xla_conv(x, k, stride, padding) for k in kernels)
 
 
 def _conv_taps_fwd(x, kernels, stride, padding):
@@ -111,7 +111,7 @@ def _conv_taps_fwd(x, kernels, stride, padding):
 def _conv_taps_bwd(stride, padding, residuals, dys):
   x, kernels = residuals
   # Unused for the first layer (images need no gradient): XLA drops it.
-  dx = sum(jax.vjp(lambda x: _xla_conv(x, k, stride, padding), x)[1](dy)[0]
+  dx = sum(jax.vjp(lambda x: xla_conv(x, k, stride, padding), x)[1](dy)[0]
            for k, dy in zip(kernels, dys))
   l, kh, kw, cin, cout = kernels.shape
   dk = kernel_grad_taps(x, jnp.concatenate(dys, axis=-1),

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax import preprocess as pp
+from alexnet_jax import startup
 
 
 def compute(config, max_images=0, batch=64):
@@ -71,6 +72,8 @@ def save(stats, out_dir):
 
 def main(argv):
   del argv
+  startup.quiet_libraries(verbose=logging.get_verbosity() >= 1)
+  startup.hide_gpus_from_tensorflow()
   f = flags.FLAGS
   stats = compute(f.config, f.max_images)
   path = save(stats, f.out)

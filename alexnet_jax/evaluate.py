@@ -23,23 +23,17 @@ Results: `write_results` puts eval_results.json in the (first) workdir and
 line is evaluate.py at the repository root.
 """
 
-import copy
-import functools
 import json
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
-import ml_collections
 import numpy as np
 
-from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import input_pipeline
 from alexnet_jax import mesh as mesh_lib
-from alexnet_jax import model as model_lib
-from alexnet_jax import optimizer as optimizer_lib
+from alexnet_jax import run_dir
 from alexnet_jax import train_step as train_step_lib
 
 CROPS = ('center', 'ten')
@@ -61,108 +55,6 @@ PAPER_RESULTS = (
 
 
 # ------------------------------------------------------------------- runs
-def _tuples(node):
-  """JSON lists back to the config's tuples (ConfigDict keeps dicts)."""
-  if isinstance(node, dict):
-    return {k: _tuples(v) for k, v in node.items()}
-  if isinstance(node, list):
-    return tuple(_tuples(v) for v in node)
-  return node
-
-
-def _fill_missing(config, defaults, path=''):
-  """Adds fields newer than the run (from `defaults`) to `config`."""
-  added = []
-  for key, value in defaults.items():
-    if key not in config:
-      config[key] = copy.deepcopy(value)
-      added.append(path + key)
-    elif isinstance(value, ml_collections.ConfigDict) and isinstance(
-        config[key], ml_collections.ConfigDict):
-      added += _fill_missing(config[key], value, f'{path}{key}.')
-  return added
-
-
-def load_config(workdir: str, overrides: Optional[Dict[str, Any]] = None
-                ) -> ml_collections.ConfigDict:
-  """The run's config.json as a ConfigDict, with dotted `overrides`.
-
-  Fields the run predates take configs/alexnet.py's defaults (logged).
-  """
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'{path} does not exist: --workdir must be the directory a training '
-        'run wrote (python launch.py --config=... --workdir=DIR writes '
-        'DIR/config.json and DIR/checkpoints/).')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(_tuples(json.load(f)))
-  from configs import alexnet  # pylint: disable=g-import-not-at-top
-  added = _fill_missing(config, alexnet.get_config())
-  if added:
-    logging.info('%s predates config fields %s: using their defaults.',
-                 workdir, ', '.join(added))
-  if overrides:
-    config.lock()  # A misspelt field fails instead of being added.
-    config.update_from_flattened_dict(dict(overrides))
-    config.unlock()
-  return config
-
-
-def val_errors(workdir: str) -> Dict[int, float]:
-  """{step: validation top-1 error} from the run's metrics.jsonl (the last
-  record of a step wins, as a resumed run logs some steps again)."""
-  errors = {}
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        if record.get('split') == 'val' and 'top1_error' in record:
-          errors[int(record['step'])] = float(record['top1_error'])
-  return errors
-
-
-def checkpoint_step(manager, which: str = 'latest',
-                    errors: Optional[Dict[int, float]] = None) -> int:
-  """The step of checkpoint `which`: 'latest', 'best' or a step number.
-
-  'best': the lowest validation top-1 error measured at a kept checkpoint's
-  step, from the metrics saved with it or else `errors` ({step: error}, e.g.
-  `val_errors(workdir)`).
-  """
-  steps = list(manager.all_steps())
-  where = str(manager.directory)
-  if not steps:
-    raise FileNotFoundError(
-        f'No checkpoint in {where}: the run saved none yet (train first, or '
-        'check --workdir).')
-  which = str(which)
-  if which == 'latest':
-    return max(steps)
-  if which == 'best':
-    scored = {}
-    for s in steps:
-      saved = manager.metrics(s) or {}
-      if checkpoint_lib.VAL_ERROR in saved:
-        scored[s] = float(saved[checkpoint_lib.VAL_ERROR])
-      elif errors and s in errors:
-        scored[s] = errors[s]
-    if not scored:
-      raise ValueError(
-          f'No checkpoint in {where} has a validation error measured at its '
-          f'step (steps {steps}), so none is "best": use '
-          '--checkpoint=latest or a step number.')
-    return min(scored, key=lambda s: (scored[s], -s))  # Ties: the later.
-  if not which.isdigit():
-    raise ValueError(f'--checkpoint={which!r}: use latest, best or a step '
-                     f'number ({steps} in {where}).')
-  if int(which) not in steps:
-    raise FileNotFoundError(
-        f'No checkpoint of step {which} in {where}; it holds steps {steps}.')
-  return int(which)
-
-
 def make_mesh(config, mesh_shape: Optional[Tuple[int, int]] = None):
   """(data, tower) mesh for evaluation: `mesh_shape` or every device."""
   if mesh_shape is None:
@@ -171,62 +63,16 @@ def make_mesh(config, mesh_shape: Optional[Tuple[int, int]] = None):
   return mesh_lib.make_mesh(config.model.num_towers, tower, data)
 
 
-def restore_params(config, workdir: str, mesh, checkpoint: str = 'latest'
-                   ) -> Tuple[Any, Any, int]:
-  """(model, params, step) of a run's checkpoint, placed on `mesh`."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(
-        f'No checkpoints/ in {workdir}: the run saved no checkpoint (train '
-        'it first, or check --workdir).')
-  model = model_lib.create_model(config.model)
-  tx = optimizer_lib.create_optimizer(config.optim)
-  abstract_state = jax.eval_shape(functools.partial(
-      train_step_lib.create_train_state, model, tx, mesh,
-      jax.random.PRNGKey(config.seed), config.data.crop_size))
-  manager = checkpoint_lib.create_manager(directory, config.checkpoint)
-  try:
-    step = checkpoint_step(manager, checkpoint, val_errors(workdir))
-    state, _ = checkpoint_lib.restore(manager, abstract_state, mesh, step)
-  finally:
-    manager.close()
-  return model, state.params, step
-
-
 # ------------------------------------------------------------ predictions
-def make_predict_step(model, mesh, params):
-  """`predict_step(params, images) -> log_probs` (B, classes), on the mesh.
-
-  images (B, H, W, 3): the log-softmax of each image; (B, V, H, W, 3): the
-  log of the softmax averaged over the V views (§4.1), as eval_step.
-  """
-  apply = mesh_lib.sharded_apply(model, mesh)
-  by_data = mesh_lib.data_sharding(mesh)
-
-  @functools.partial(jax.jit, out_shardings=by_data,
-                     in_shardings=(mesh_lib.param_shardings(mesh, params),
-                                   by_data))
-  def predict_step(params, images):
-    return train_step_lib.view_log_probs(apply, params, images)
-
-  return predict_step
-
-
-def _to_host(x) -> np.ndarray:
-  if jax.process_count() > 1:
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def predict(predict_step, params, batches) -> Tuple[np.ndarray, np.ndarray]:
   """(log_probs (N, classes) float32, labels (N,)) of every real example of
   `batches` (padding, mask 0, dropped), in the batches' order."""
   log_probs, labels = [], []
   for batch in batches:
-    out = _to_host(predict_step(params, batch['images']))
-    real = _to_host(batch['mask']) > 0
+    out = mesh_lib.to_host(predict_step(params, batch['images']))
+    real = mesh_lib.to_host(batch['mask']) > 0
     log_probs.append(out[real])
-    labels.append(_to_host(batch['labels'])[real])
+    labels.append(mesh_lib.to_host(batch['labels'])[real])
   if not log_probs:
     raise ValueError('The validation split is empty.')
   return np.concatenate(log_probs), np.concatenate(labels)
@@ -240,11 +86,12 @@ def predict_run(config, workdir: str, mesh, checkpoint: str = 'latest',
   compiled: a dict shared between runs so members with the same model and
   mesh (the paper's 5 CNNs) share one compiled predict_step.
   """
-  model, params, step = restore_params(config, workdir, mesh, checkpoint)
+  model, params, step = run_dir.restore_params(config, workdir, mesh,
+                                               checkpoint)
   compiled = {} if compiled is None else compiled
   key = (config.model.to_json(sort_keys=True), mesh)
   if key not in compiled:
-    compiled[key] = make_predict_step(model, mesh, params)
+    compiled[key] = train_step_lib.make_predict_step(model, mesh, params)
   predict_step = compiled[key]
   out = {'step': step}
   for crop in crops:
@@ -290,9 +137,12 @@ def evaluate_runs(workdirs: Sequence[str], checkpoint: str = 'latest',
                   crops: Sequence[str] = CROPS,
                   mesh_shape: Optional[Tuple[int, int]] = None,
                   overrides: Optional[Dict[str, Any]] = None,
-                  keep_predictions: bool = False) -> Dict[str, Any]:
+                  keep_predictions: bool = False,
+                  defaults=None) -> Dict[str, Any]:
   """Each run and, for several, their ensemble (softmax averaged per image).
 
+  Each run's saved config takes `defaults` (a ConfigDict) for the fields it
+  predates and then the dotted `overrides`.
   Returns {'checkpoint', 'crops', 'members': [{'workdir', 'step', 'mesh',
   crop: metrics}], 'ensemble': {'size', crop: metrics} (2+ members only)};
   metrics as `metrics`. keep_predictions adds 'predictions': per member,
@@ -304,7 +154,8 @@ def evaluate_runs(workdirs: Sequence[str], checkpoint: str = 'latest',
   if unknown or not crops:
     raise ValueError(f'--crops={",".join(crops)}: choose from '
                      f'{",".join(CROPS)}.')
-  configs = [load_config(w, overrides) for w in workdirs]
+  configs = [run_dir.load_config(w, defaults, overrides)
+             for w in workdirs]
   classes = {w: c.model.num_classes for w, c in zip(workdirs, configs)}
   if len(set(classes.values())) > 1:
     raise ValueError(

@@ -10,15 +10,14 @@ training curves, as uint8 RGB arrays (H, W, 3) ready for PNG or TensorBoard.
 - `fc7_function`, `neighbours_figure`: Figure 4 right, the training images
   closest to a test image in fc7 space (the streaming search over the
   training split is `run_outputs.nearest_neighbour_figure`).
-- `training_curves`, `curves_from_workdir`: loss, error and learning rate.
+- `training_curves`: loss, error and learning rate (from
+  `run_dir.read_curves`).
 
 Plots draw on matplotlib's Agg canvas directly (no pyplot, no display).
 """
 
 import dataclasses
 import functools
-import glob
-import json
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -318,7 +317,7 @@ def training_curves(history: Mapping[str, Sequence[Tuple[int, float]]],
   """Loss, top-1/top-5 error (train and val) and learning rate vs step.
 
   history: {'train/loss': [(step, value), ...], 'val/top1_error': ...}, as
-  `curves_from_workdir` returns; tags without a split ('loss') count as
+  `run_dir.read_curves` returns; tags without a split ('loss') count as
   train. One colour per metric, train solid and val dashed; missing curves
   are left out.
   """
@@ -344,41 +343,3 @@ def training_curves(history: Mapping[str, Sequence[Tuple[int, float]]],
     fig.suptitle(title)
   fig.tight_layout()
   return _figure_to_array(fig)
-
-
-def _scalar_value(value) -> Optional[float]:
-  """The scalar of a TensorBoard summary value, or None if it is not one:
-  a simple_value (TF1 style) or a rank-0 tensor of the 'scalars' plugin (clu
-  and tf.summary write these)."""
-  kind = value.WhichOneof('value')
-  if kind == 'simple_value':
-    return float(value.simple_value)
-  if kind == 'tensor' and value.metadata.plugin_data.plugin_name == 'scalars':
-    from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
-    return float(tensor_util.make_ndarray(value.tensor))
-  return None
-
-
-def curves_from_workdir(workdir: str) -> Dict[str, List[Tuple[int, float]]]:
-  """{tag: [(step, value)]} from the workdir's TensorBoard event files, or
-  from metrics.jsonl when there are none."""
-  history: Dict[str, Dict[int, float]] = {}
-  files = sorted(glob.glob(os.path.join(workdir, '**', 'events.out.tfevents.*'),
-                           recursive=True))
-  if files:
-    from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
-    for path in files:
-      for event in event_file_loader.EventFileLoader(path).Load():
-        for value in event.summary.value:
-          v = _scalar_value(value)
-          if v is not None:  # images, text and histograms are skipped
-            history.setdefault(value.tag, {})[int(event.step)] = v
-  else:
-    path = os.path.join(workdir, 'metrics.jsonl')
-    with open(path) as f:
-      for line in f:
-        row = json.loads(line)
-        for name, v in row.items():
-          if name not in ('step', 'split') and isinstance(v, (int, float)):
-            history.setdefault(f'{row["split"]}/{name}', {})[row['step']] = v
-  return {tag: sorted(points.items()) for tag, points in history.items()}

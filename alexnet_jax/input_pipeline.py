@@ -38,9 +38,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from alexnet_jax import native
 from alexnet_jax import preprocess as pp
-
-tf.config.set_visible_devices([], 'GPU')  # TensorFlow never takes a GPU.
 
 DATASETS = ('imagenet2012', 'demo', 'folder')
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
@@ -83,7 +82,7 @@ def example_seeds(seed, positions):
   """(n, 2) seeds of the examples at `positions` (int64): row j is
   `stateless_fold_in(seed, positions[j])`, which is [r, positions[j]] with r
   drawn from `seed` alone; made for a whole batch at once (one fold-in per
-  record cost ~0.1 ms of CPU)."""
+  record costs more CPU than a pre-resized image's decode)."""
   r = tf.random.experimental.stateless_fold_in(seed, positions[0])[0]
   return tf.stack([tf.fill(tf.shape(positions), r), positions], axis=1)
 
@@ -112,7 +111,7 @@ def tfds_source(builder, split, process_index, process_count, window):
   instr = [(f.filename, f.skip, f.take) for f in info.file_instructions]
   # The tf.Example keys tfds writes for the image (undecoded) and label.
   serialized = builder.info.features.get_serialized_info()
-  spec = {k: tf.io.FixedLenFeature(serialized[k].shape, serialized[k].dtype)
+  spec = {k: tf.io.FixedLenFeature(serialized[k].shape, serialized[k].tf_dtype)
           for k in ('image', 'label')}
   return Source(info.num_examples, builder.info.splits[split].num_examples,
                 builder.info.features['label'].num_classes,
@@ -438,16 +437,23 @@ def eval_dataset(config, source, local_batch, ten_crop=False):
 
 # ----------------------------------------------------------------- to mesh
 class SkipCounter:
-  """Running count of undecodable records, logged when it grows."""
+  """Running count of undecodable records, logged at the first and then
+  each time the total passes a power of ten (every epoch meets the same bad
+  records again)."""
 
   def __init__(self, name):
-    self.name, self.count = name, 0
+    self.name, self.count, self._next_log = name, 0, 1
 
   def add(self, n):
-    if n:
-      self.count += int(n)
-      logging.warning('%s: skipped %d undecodable record(s) (%d so far).',
-                      self.name, n, self.count)
+    if not n:
+      return
+    self.count += int(n)
+    if self.count >= self._next_log:
+      while self._next_log <= self.count:
+        self._next_log *= 10
+      logging.warning('%s: skipped %d undecodable record(s) so far (next '
+                      'reported at %d).', self.name, self.count,
+                      self._next_log)
 
 
 def _to_global(mesh, batch):
@@ -579,3 +585,17 @@ def eval_iterator(config, mesh, ten_crop=False, *, split='eval',
 def num_classes(config):
   """Classes in the configured dataset (checks it is available)."""
   return get_source(config, 'train', 0, 1).num_classes
+
+
+def check_config(config):
+  """Stops a run at start, with what to set, if the dataset is missing or
+  its number of classes is not config.model.num_classes, or if
+  config.data.resample cannot be had (this builds the native op on first
+  use, alexnet_jax/native.py)."""
+  classes = num_classes(config)
+  if classes != config.model.num_classes:
+    raise ValueError(
+        f'The dataset {config.data.dataset!r} has {classes} classes but '
+        f'config.model.num_classes={config.model.num_classes}: set '
+        f'--config.model.num_classes={classes}.')
+  native.resample_op(config.data.resample)

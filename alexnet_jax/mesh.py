@@ -10,6 +10,7 @@ Images, labels and logits are split over 'data' and replicated over 'tower'
 import functools
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -63,6 +64,13 @@ def param_shardings(mesh, params):
 def data_sharding(mesh):
   """Sharding of a batch: leading axis over 'data', replicated over 'tower'."""
   return NamedSharding(mesh, P(DATA))
+
+
+def to_host(x) -> np.ndarray:
+  """A global array as one numpy array, on every process."""
+  if jax.process_count() > 1:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def check_batch_size(batch_size: int, mesh) -> None:

@@ -1,15 +1,14 @@
 """The train augmentation's bilinear resample as a compiled TensorFlow op.
 
 TensorFlow's `crop_and_resize` costs nearly as much as decoding the JPEG it
-resamples (~0.9 vs ~1.1 CPU-ms per ImageNet-sized image on the project's
-VM); `resample.cc` does the same bilinear filter at the same sampling points
-in ~0.15 ms, and the train augmentation runs at 77-80% of the bare decode
-rate instead of 50% (docs/BENCHMARKS_input.md, attempt 15). It is compiled
-against the installed TensorFlow on first use, with the C++ compiler named
-by $CXX (default g++), into a cache directory ($ALEXNET_JAX_CACHE_DIR,
-default ~/.cache/alexnet_jax), once per source, TensorFlow and compiler:
-~15 s, then loaded from there. Several processes starting together build it
-once (a file lock).
+resamples; `resample.cc` does the same bilinear filter at the same sampling
+points several times faster, written for this one job: separable, with the
+horizontal taps computed once per crop (docs/BENCHMARKS_input.md has the
+figures). It is compiled against the installed TensorFlow on first use, with
+the C++ compiler named by $CXX (default g++), into a cache directory
+($ALEXNET_JAX_CACHE_DIR, default ~/.cache/alexnet_jax), once per source,
+TensorFlow and compiler, then loaded from there. Several processes starting
+together build it once (a file lock).
 
 config.data.resample picks the implementation:
   'auto'    the compiled op if it builds, else crop_and_resize with a warning
@@ -91,6 +90,12 @@ def build(directory=None, cxx=None):
     logging.info('Built the native resample op in %.0f s: %s',
                  time.perf_counter() - start, path)
   return path
+
+
+def reset():
+  """Forgets this process's build or load of the op (and its failure): the
+  next use tries again, e.g. after $CXX or the cache directory changed."""
+  _load.cache_clear()
 
 
 @functools.cache

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax import preprocess as pp
+from alexnet_jax import startup
 
 
 def _example(image, label):
@@ -87,6 +88,8 @@ def prepare(config, out_dir, quality=95, shard_size=1024):
 
 def main(argv):
   del argv
+  startup.quiet_libraries(verbose=logging.get_verbosity() >= 1)
+  startup.hide_gpus_from_tensorflow()
   f = flags.FLAGS
   meta = prepare(f.config, f.out, f.quality, f.shard_size)
   counts = {k: int(np.sum([c for _, c in v]))

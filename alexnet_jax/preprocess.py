@@ -42,14 +42,14 @@ def decode_and_resize(image_bytes, resize_size=256, antialias=True):
   """
   def jpeg():
     shape = tf.image.extract_jpeg_shape(image_bytes)
-    oy, ox, s = _square(shape[0], shape[1])
+    oy, ox, s = central_square(shape[0], shape[1])
     return tf.image.decode_and_crop_jpeg(
         image_bytes, tf.stack([oy, ox, s, s]), channels=3)
 
   def other():
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     shape = tf.shape(image)
-    oy, ox, s = _square(shape[0], shape[1])
+    oy, ox, s = central_square(shape[0], shape[1])
     return image[oy:oy + s, ox:ox + s]
 
   image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
@@ -122,12 +122,13 @@ def ten_crop(image, crop_size):
   return tf.concat([crops, crops[:, :, ::-1]], axis=0)
 
 
-def _square(h, w):
+def central_square(h, w):
+  """(top, left, side) of the central square of an h x w image."""
   s = tf.minimum(h, w)
   return (h - s) // 2, (w - s) // 2, s
 
 
-def _window(c, s, resize_size, crop_size, radius, margin=2):
+def decode_window(c, s, resize_size, crop_size, radius, margin=2):
   """The decode window a crop at offsets `c` (256-space; both axes at once,
   each result has c's shape) needs.
 
@@ -202,12 +203,12 @@ def decode_crop_resize(image_bytes, offsets, *, resize_size, crop_size,
       is_jpeg, lambda: (tf.zeros([0, 0, 3], tf.uint8),
                         tf.image.extract_jpeg_shape(image_bytes)),
       decode_other)
-  oy, ox, s = _square(shape[0], shape[1])
+  oy, ox, s = central_square(shape[0], shape[1])
   k = tf.cast(resize_size, tf.float32) / tf.cast(s, tf.float32)
   smooth = tf.logical_and(tf.constant(bool(antialias)),
                           k * antialias_above < 1.0)
   radius = tf.where(smooth, 1.0 / k, 1.0)
-  lo, size, first, last = _window(offsets, s, resize_size, crop_size, radius)
+  lo, size, first, last = decode_window(offsets, s, resize_size, crop_size, radius)
   start = tf.stack([oy, ox]) + lo
   img = tf.cond(
       is_jpeg,

@@ -17,7 +17,6 @@ docs/ABLATIONS.md and docs/ablations/*.png. Per variant (averaged over seeds):
 
 import datetime
 import glob
-import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -25,6 +24,11 @@ from absl import logging
 import jax
 import numpy as np
 
+from alexnet_jax import audit
+from alexnet_jax import figures
+from alexnet_jax import mesh as mesh_lib
+from alexnet_jax import model as model_lib
+from alexnet_jax import run_dir
 from alexnet_jax import sweep as sweep_lib
 
 BASELINE = 'baseline'
@@ -32,21 +36,6 @@ FIGURE1_TARGET = 0.25  # "reach 25% training error" (Figure 1).
 
 
 # ----------------------------------------------------------- reading a run
-def read_history(workdir: str) -> Dict[str, Dict[int, Dict[str, float]]]:
-  """{'train': {step: record}, 'val': {step: record}} from metrics.jsonl (the
-  last record of a step wins: a resumed run logs some steps again)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} does not exist: {workdir} is not a '
-                            'training run (or it has not logged yet).')
-  out = {'train': {}, 'val': {}}
-  with open(path) as f:
-    for line in f:
-      r = json.loads(line)
-      out.setdefault(r['split'], {})[int(r['step'])] = r
-  return out
-
-
 def steps_per_epoch(history) -> float:
   """From the train records' (step, epoch) pairs."""
   for step, r in sorted(history['train'].items(), reverse=True):
@@ -88,24 +77,21 @@ def epochs_to_error(points: Sequence[Tuple[float, float]],
   return None
 
 
-def run_summary(workdir: str) -> Dict[str, Any]:
+def run_summary(workdir: str, defaults=None) -> Dict[str, Any]:
   """One workdir's row: sweep.json, final errors, Figure 1 measure,
-  parameters, traffic and the towers' colour specificity."""
-  from alexnet_jax import audit  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import figures  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  parameters, traffic and the towers' colour specificity. `defaults`: the
+  config fields the run predates (run_dir.load_config)."""
   record = sweep_lib.read_sweep_file(workdir)
   if record is None:
     raise FileNotFoundError(f'No {sweep_lib.SWEEP_FILE} in {workdir}: not a '
                             'sweep workdir (python sweep.py --root=... '
                             'writes one per variant).')
-  history = read_history(workdir)
+  history = run_dir.read_metrics(workdir)
   if not history['val']:
     raise ValueError(f'{workdir} has no validation record in metrics.jsonl.')
   final_step = max(history['val'])
   final = history['val'][final_step]
-  config = evaluate.load_config(workdir)
+  config = run_dir.load_config(workdir, defaults)
   model = model_lib.create_model(config.model)
   size = config.data.crop_size
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
@@ -131,14 +117,14 @@ def run_summary(workdir: str) -> Dict[str, Any]:
       'exchange_bytes_per_image': traffic,
       'history': history,
   }
-  mesh = evaluate.make_mesh(config, (1, 1))
-  _, params, _ = evaluate.restore_params(config, workdir, mesh, 'latest')
+  mesh = mesh_lib.make_mesh(config.model.num_towers, 1, 1)
+  _, params, _ = run_dir.restore_params(config, workdir, mesh, 'latest')
   stats = figures.tower_specialisation(params)
   row['colour_specificity'] = {t: s['mean'] for t, s in stats.items()}
   return row
 
 
-def collect(root: str) -> List[Dict[str, Any]]:
+def collect(root: str, defaults=None) -> List[Dict[str, Any]]:
   """run_summary of every finished sweep workdir under `root`, in
   VARIANTS order (unfinished ones are skipped, with a warning)."""
   dirs = sorted(os.path.dirname(p) for p in
@@ -154,7 +140,7 @@ def collect(root: str) -> List[Dict[str, Any]]:
       logging.warning('Skipping %s: its run has not finished (still '
                       'training, or interrupted: rerun python sweep.py).', d)
       continue
-    rows.append(run_summary(d))
+    rows.append(run_summary(d, defaults))
   if not rows:
     raise ValueError(f'No sweep workdir under {root} has finished yet.')
   return sorted(rows, key=lambda r: (order.index(r['variant'])
@@ -403,10 +389,11 @@ ReLU vs tanh, training error by epoch (the paper's Figure 1 measure):
 
 
 def build_report(root: str, out: str, command: str = '',
-                 preface: str = '') -> Tuple[str, List[Dict[str, Any]]]:
+                 preface: str = '', defaults=None
+                 ) -> Tuple[str, List[Dict[str, Any]]]:
   """Writes `out` (markdown) and its PNGs in <out without .md, lowercased>/;
-  returns (markdown, aggregated rows)."""
-  rows = collect(root)
+  returns (markdown, aggregated rows). `defaults`: as run_summary."""
+  rows = collect(root, defaults)
   aggregated = aggregate(rows)
   out_dir = os.path.splitext(out)[0]
   out_dir = os.path.join(os.path.dirname(out_dir),

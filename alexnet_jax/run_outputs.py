@@ -31,16 +31,14 @@ from alexnet_jax import audit
 from alexnet_jax import figures
 from alexnet_jax import input_pipeline
 from alexnet_jax import mesh as mesh_lib
+from alexnet_jax import run_dir
+from alexnet_jax import train_step as train_step_lib
 
 FIGURES = 'figures'
 
 
-def _is_writer() -> bool:
-  return jax.process_index() == 0
-
-
 def _write_images(workdir, writer, step, images: Dict[str, np.ndarray]):
-  if not _is_writer():
+  if not run_dir.is_writer():
     return
   for name, image in images.items():
     figures.save_png(os.path.join(workdir, FIGURES, f'{name}.png'), image)
@@ -105,7 +103,7 @@ def unaugmented_train_batches(config, mesh):
   return input_pipeline.eval_iterator(config, mesh, split='train')
 
 
-def _merge(best_d2, best_images, queries, features, images, mask):
+def merge_nearest(best_d2, best_images, queries, features, images, mask):
   """The running k nearest training images of each query, merged with one
   batch: squared distances, top-k, and the k images themselves."""
   q2 = jnp.sum(queries * queries, axis=1, keepdims=True)
@@ -135,7 +133,7 @@ def nearest_neighbour_figure(config, model, mesh, params, query_images,
   best_images = jnp.zeros((len(queries), k) + query_images.shape[1:],
                           jnp.float32)
   replicated = NamedSharding(mesh, P())
-  merge = jax.jit(_merge, out_shardings=(replicated, replicated))
+  merge = jax.jit(merge_nearest, out_shardings=(replicated, replicated))
   for batch in unaugmented_train_batches(config, mesh):
     best_d2, best_images = merge(best_d2, best_images, jnp.asarray(queries),
                                  fc7(params, batch['images']),
@@ -156,24 +154,23 @@ def query_batch(config, mesh, images):
 
 def final_figures(config, workdir, writer, step: int, model, mesh, params):
   """top5.png, nearest_neighbours.png (if configured), training_curves.png."""
-  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
   f = config.figures
   batch = next(iter(input_pipeline.eval_iterator(config, mesh)))
-  host = {k: evaluate._to_host(v) for k, v in batch.items()}  # pylint: disable=protected-access
+  host = {k: mesh_lib.to_host(v) for k, v in batch.items()}
   real = np.flatnonzero(host['mask'] > 0)[:f.num_images]
   images, labels = host['images'][real], host['labels'][real]
-  predict_step = evaluate.make_predict_step(model, mesh, params)
-  probs = np.exp(evaluate._to_host(predict_step(params, batch['images'])))[real]  # pylint: disable=protected-access
+  predict_step = train_step_lib.make_predict_step(model, mesh, params)
+  probs = np.exp(mesh_lib.to_host(predict_step(params, batch['images'])))[real]
   out = {'top5': figures.top5_figure(to_pixels(config, images), probs, labels,
                                      class_names(config),
                                      k=min(5, probs.shape[1]))}
   if f.nearest_neighbours:
     out['nearest_neighbours'] = nearest_neighbour_figure(
         config, model, mesh, params, images, f.num_neighbours)
-  if _is_writer():
+  if run_dir.is_writer():
     writer.flush()
     out['training_curves'] = figures.training_curves(
-        figures.curves_from_workdir(workdir), title=os.path.basename(
+        run_dir.read_curves(workdir), title=os.path.basename(
             os.path.normpath(workdir)))
   _write_images(workdir, writer, step, out)
 
@@ -237,7 +234,7 @@ def write_communication(config, workdir, model, mesh) -> Dict:
   logging.info('Cross-tower exchanges (%s), bytes a tower\'s device '
                'receives:\n%s', ', '.join(report['exchange']) or 'none; fc8 '
                'sums the logits', communication_table(report))
-  if _is_writer():
+  if run_dir.is_writer():
     with open(os.path.join(workdir, 'communication.json'), 'w') as f:
       json.dump(report, f, indent=2)
   return report

@@ -1,8 +1,8 @@
 """The paper's ablations as experiments: a sweep of config variants, one
 workdir each, run one after another (`python sweep.py --root=DIR`).
 
-Each variant is the demo (configs/demo.py: 10 generated classes, a quarter of
-the kernels) with one change the paper measured or a reader asks about (§3.1
+Each variant is the demo (`demo` in configs/alexnet.py: 10 generated
+classes, a quarter of the kernels) with one change the paper measured or a reader asks about (§3.1
 ReLU vs tanh, §3.2 two towers vs one, §3.3 LRN, §3.4 overlapping pooling,
 §4.1 PCA colour noise, §4.2 dropout, §7 depth, the towers' exchange), shortened
 by SHORT_RUN so the default sweep fits in ~20 minutes on a 2-core CPU.
@@ -22,6 +22,11 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
+
+from alexnet_jax import input_pipeline
+from alexnet_jax import run_dir
+from alexnet_jax import train
+from configs import alexnet
 
 SWEEP_FILE = 'sweep.json'
 
@@ -44,7 +49,8 @@ class Variant:
 VARIANTS: Dict[str, Variant] = {
     'baseline': Variant(
         'demo', (), 'the demo network: ReLU, LRN, 3x3/2 pools, two towers '
-        'exchanging at conv3/fc6/fc7, PCA noise, no dropout (configs/demo.py)'),
+        'exchanging at conv3/fc6/fc7, PCA noise, no dropout (the demo '
+        'config)'),
     'no_lrn': Variant(
         'demo,no_lrn', (), 'no local response normalisation (§3.3)',
         'LRN lowers top-1/top-5 error by 1.4/1.2 points (§3.3)', 1.4, 1.2),
@@ -61,8 +67,8 @@ VARIANTS: Dict[str, Variant] = {
         'demo,tanh', (), 'tanh instead of ReLU (§3.1)',
         'ReLU reaches 25% training error 6x faster than tanh (4-layer CNN, '
         'CIFAR-10, Figure 1)'),
-    # The demo turns dropout off (configs/demo.py: it only slows a net with
-    # 128 units per tower), so the pair is "dropout 0 (baseline) vs 0.5".
+    # The demo turns dropout off (it only slows a net with 128 units per
+    # tower), so the pair is "dropout 0 (baseline) vs 0.5".
     'dropout': Variant(
         'demo', (('model.dropout_rate', 0.5),), 'dropout 0.5 in fc6 and fc7, '
         "the paper's setting (the demo's baseline has none) (§4.2)",
@@ -106,7 +112,6 @@ def variant_config(name: str, overrides: Mapping[str, Any] = (),
   """The config of variant `name`: its configs/alexnet.py variants, then
   SHORT_RUN (or `short_run`), the sweep's shared `overrides`, the variant's
   own overrides (they define it, so they win), and seed + seed_index."""
-  from configs import alexnet  # pylint: disable=g-import-not-at-top
   if name not in VARIANTS:
     raise ValueError(f'Unknown sweep variant {name!r}; valid: '
                      f'{", ".join(VARIANTS)}.')
@@ -140,20 +145,9 @@ def _write_sweep_file(workdir: str, record: Dict[str, Any]):
   os.replace(path + '.tmp', path)
 
 
-def _changed_sections(config, workdir: str) -> List[str]:
-  """Top-level config sections in which `workdir`'s run differs."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    old = json.load(f)
-  new = json.loads(config.to_json_best_effort(indent=2, sort_keys=True))
-  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-
-
 def _check_same_config(config, workdir: str):
   """An unfinished workdir resumes only the run the sweep would start now."""
-  changed = _changed_sections(config, workdir)
+  changed = run_dir.changed_sections(config, workdir)
   if changed:
     raise ValueError(
         f'{workdir} holds an unfinished run of another config (sections '
@@ -164,11 +158,9 @@ def _check_same_config(config, workdir: str):
 def run_variant(name: str, workdir: str, config, seed_index: int = 0
                 ) -> Dict[str, Any]:
   """Trains one variant in `workdir` (skipped when finished); its record."""
-  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
   record = read_sweep_file(workdir) or {}
   if record.get('finished'):
-    changed = _changed_sections(config, workdir)
+    changed = run_dir.changed_sections(config, workdir)
     if changed:
       logging.warning('Sweep: the finished run in %s differs from the config '
                       'the sweep builds now in %s (new fields or other '

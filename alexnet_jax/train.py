@@ -28,17 +28,15 @@ communication.json (cross-tower bytes) and figures/*.png
 (alexnet_jax/run_outputs.py).
 """
 
-import functools
-import json
+import dataclasses
 import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 from absl import logging
-from clu import metric_writers
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -48,8 +46,8 @@ from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import input_pipeline
 from alexnet_jax import mesh as mesh_lib
 from alexnet_jax import model as model_lib
-from alexnet_jax import native
 from alexnet_jax import optimizer as optimizer_lib
+from alexnet_jax import run_dir
 from alexnet_jax import run_outputs
 from alexnet_jax import schedules
 from alexnet_jax import train_step as train_step_lib
@@ -59,26 +57,173 @@ class DivergenceError(FloatingPointError):
   """The loss (or the parameters) became NaN or infinite."""
 
 
-# ------------------------------------------------------------------ helpers
-def every(step: int, *, total_steps: int, steps_per_epoch: int,
-          every_steps: int = 0, every_epochs: float = 0.0,
-          first: bool = False, last: bool = False) -> bool:
-  """The one cadence rule: does something happen after update `step`?
+# ------------------------------------------------------------------ cadence
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """What the loop does after one update."""
+  log: bool  # The progress line and the train scalars.
+  evaluate: bool  # Validation (and, with figures on, Figure 3).
+  save: bool  # A checkpoint.
+  stop: bool  # Preempted: save this step, then stop.
+  final: bool  # The last step of the run: the final figures.
 
-  Steps count from 1 (the first update) to total_steps. every_steps and
-  every_epochs (0: never) may both be set; first/last force the first and
-  the last step.
+  @property
+  def needs_metrics(self) -> bool:
+    """The host acts on this step: its metrics must be checked first (a
+    diverged state is never saved)."""
+    return self.log or self.evaluate or self.save
+
+
+class Cadence:
+  """The run's one cadence rule, owning the log, eval and checkpoint
+  intervals: `plan(step)` says what happens after update `step`.
+
+  Steps count from 1 (the first update) to total_steps. An interval is
+  every_steps or every_epochs (0: never); evaluations and logs also happen
+  at the first and the last step, checkpoints at the last.
   """
-  if (first and step == 1) or (last and step == total_steps):
-    return True
-  if every_steps and step % every_steps == 0:
-    return True
-  if every_epochs:
-    period = max(1, int(round(every_epochs * steps_per_epoch)))
-    return step % period == 0
-  return False
+
+  def __init__(self, config, steps_per_epoch: int, total_steps: int):
+    self.config = config
+    self.steps_per_epoch = steps_per_epoch
+    self.total_steps = total_steps
+
+  def every(self, step: int, every_steps: int = 0, every_epochs: float = 0.0,
+            first: bool = False, last: bool = False) -> bool:
+    if (first and step == 1) or (last and step == self.total_steps):
+      return True
+    if every_steps and step % every_steps == 0:
+      return True
+    if every_epochs:
+      period = max(1, int(round(every_epochs * self.steps_per_epoch)))
+      return step % period == 0
+    return False
+
+  def plan(self, step: int, preempted: bool = False) -> StepPlan:
+    c = self.config
+    return StepPlan(
+        log=self.every(step, c.log_every_steps, first=True, last=True),
+        evaluate=self.every(step, c.eval.every_steps, c.eval.every_epochs,
+                            first=True, last=True),
+        save=preempted or self.every(step, c.checkpoint.every_steps,
+                                     c.checkpoint.every_epochs, last=True),
+        stop=preempted, final=step == self.total_steps and not preempted)
 
 
+# ------------------------------------------------------------ train metrics
+class PendingMetrics:
+  """A step's metrics, fetched while the next step runs.
+
+  `push` keeps a step's (device) metrics and hands the previous step's to
+  `on_metrics(step, host_metrics, log)`; `flush` hands over the kept ones at
+  once, for a step the host acts on (log, evaluation, checkpoint, end).
+  """
+
+  def __init__(self, on_metrics: Callable[[int, Dict[str, float], bool],
+                                          None]):
+    self._on_metrics = on_metrics
+    self._pending = None
+
+  def push(self, step: int, metrics, log: bool):
+    self.flush()
+    self._pending = (step, metrics, log)
+
+  def flush(self):
+    if self._pending is not None:
+      step, metrics, log = self._pending
+      self._pending = None
+      self._on_metrics(step, {k: float(v) for k, v in
+                              jax.device_get(metrics).items()}, log)
+
+
+class Progress:
+  """The divergence check on every step's metrics; at the log cadence the
+  progress line and the train scalars (with images/s since the last)."""
+
+  def __init__(self, log: run_dir.MetricsLog, cadence: Cadence,
+               batch_size: int, start_step: int):
+    self.log, self.cadence, self.batch_size = log, cadence, batch_size
+    self.t_last, self.step_last = time.time(), start_step
+
+  def __call__(self, step: int, metrics: Dict[str, float], log: bool):
+    _check_finite(step, metrics)
+    if not log:
+      return
+    steps_per_sec = (step - self.step_last) / max(time.time() - self.t_last,
+                                                  1e-9)
+    total, per_epoch = self.cadence.total_steps, self.cadence.steps_per_epoch
+    self.log.write(step, 'train', {
+        **metrics, 'images_per_sec': steps_per_sec * self.batch_size,
+        'epoch': step / per_epoch})
+    logging.info(
+        'step %d/%d  epoch %.2f  %.2f steps/s  ETA %s  loss %.4f  top-1 '
+        'error %.2f%%  lr %g', step, total, step / per_epoch, steps_per_sec,
+        _fmt_time((total - step) / steps_per_sec), metrics['loss'],
+        100 * metrics['top1_error'], metrics['learning_rate'])
+    self.t_last, self.step_last = time.time(), step
+
+
+def _check_finite(step: int, metrics: Dict[str, float]):
+  for name in ('loss', 'param_norm', 'grad_norm'):
+    if not math.isfinite(metrics[name]):
+      raise DivergenceError(
+          f'Training diverged: {name} is {metrics[name]} at step {step} '
+          f'(learning rate {metrics["learning_rate"]:g}). The last good '
+          'checkpoint was kept as the latest; lower --config.optim.'
+          'learning_rate or add warm-up (--config.schedule.warmup_epochs) '
+          'and rerun in the same workdir to resume from it.')
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(seconds)
+  d, r = divmod(seconds, 86400)
+  return (f'{d}d ' if d else '') + time.strftime('%H:%M:%S', time.gmtime(r))
+
+
+# -------------------------------------------------------------- evaluation
+def evaluate(eval_step, params, batches) -> Dict[str, float]:
+  """Loss and top-1/top-5 error over every batch (masked padding excluded)."""
+  sums = None
+  for batch in batches:
+    out = eval_step(params, batch)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  n = float(sums['count'])
+  return {'loss': float(sums['loss']) / n,
+          'top1_error': 1.0 - float(sums['top1_correct']) / n,
+          'top5_error': 1.0 - float(sums['top5_correct']) / n,
+          'count': n}
+
+
+class Validation:
+  """The evaluation at the eval cadence: the whole validation set, logged;
+  with figures on, Figure 3 and the towers' colour specificity too."""
+
+  def __init__(self, config, workdir, mesh, eval_step, log):
+    self.config, self.workdir, self.mesh = config, workdir, mesh
+    self.eval_step, self.log = eval_step, log
+    self.figures = config.get('figures') is not None and config.figures.enabled
+
+  def __call__(self, step: int, params) -> Dict[str, float]:
+    t0 = time.time()
+    val = evaluate(self.eval_step, params,
+                   input_pipeline.eval_iterator(self.config, self.mesh))
+    self.log.write(step, 'val', val)
+    logging.info('Validation at step %d: top-1 error %.2f%%, top-5 error '
+                 '%.2f%%, loss %.4f (%d images, %.1fs).', step,
+                 100 * val['top1_error'], 100 * val['top5_error'],
+                 val['loss'], val['count'], time.time() - t0)
+    if self.figures:
+      towers = run_outputs.kernel_figures(self.workdir, self.log.writer, step,
+                                          params)
+      self.log.write(step, 'specialisation', towers)
+      logging.info('conv1 colour specificity (mean per tower): %s.', ', '.join(
+          f'{k[:-5]} {v:.3f}' for k, v in towers.items()
+          if k.endswith('_mean')))
+    return val
+
+
+# ------------------------------------------------------------ start-up logs
 def parameter_table(params) -> Tuple[str, int]:
   """A per-layer table (kernel shape per tower, towers, counts) and the total."""
   rows = [f'{"layer":<6} {"kernel per tower":<20} {"towers":>6} '
@@ -115,42 +260,17 @@ def live_units(model, mesh, params, images) -> Dict[str, float]:
       fractions, out_shardings=NamedSharding(mesh, P()))(params, images))
 
 
-def evaluate(eval_step, params, batches) -> Dict[str, float]:
-  """Loss and top-1/top-5 error over every batch (masked padding excluded)."""
-  sums = None
-  for batch in batches:
-    out = eval_step(params, batch)
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  sums = jax.device_get(sums)
-  n = float(sums['count'])
-  return {'loss': float(sums['loss']) / n,
-          'top1_error': 1.0 - float(sums['top1_correct']) / n,
-          'top5_error': 1.0 - float(sums['top5_correct']) / n,
-          'count': n}
-
-
-def _source_workdir(path: str) -> str:
-  """The run directory of `config.init_from` (a workdir or its checkpoints/)."""
-  path = os.path.normpath(path)
-  if os.path.basename(path) == 'checkpoints':
-    path = os.path.dirname(path)
-  if not os.path.isdir(os.path.join(path, 'checkpoints')):
-    raise FileNotFoundError(
-        f'--config.init_from={path!r} holds no checkpoints/: give the workdir '
-        'of a finished training run (or its checkpoints/ directory).')
-  return path
-
-
+# ------------------------------------------------------------- fine-tuning
 def pretrained_params(config, params, mesh):
   """`params` (a fresh initialisation) with every layer but fc8 taken from
   the checkpoint `config.init_from_step` of the run `config.init_from`.
 
   The source run's architecture must match in every layer but fc8 (whose
   number of classes may differ); a clear error names the layers that differ.
+  Fields the source run's config predates take this run's values.
   """
-  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
-  workdir = _source_workdir(config.init_from)
-  source_config = evaluate.load_config(workdir)
+  workdir = run_dir.run_workdir(config.init_from)
+  source_config = run_dir.load_config(workdir, defaults=config)
   source_model = model_lib.create_model(source_config.model)
   size = config.data.crop_size
   source_shapes = jax.eval_shape(
@@ -169,8 +289,8 @@ def pretrained_params(config, params, mesh):
         f'Cannot fine-tune from {workdir}: its network differs from this '
         'one outside fc8 (only fc8 may change, for a new number of classes):'
         '\n  ' + '\n  '.join(differ))
-  _, source, step = evaluate.restore_params(source_config, workdir, mesh,
-                                            str(config.init_from_step))
+  _, source, step = run_dir.restore_params(source_config, workdir, mesh,
+                                           str(config.init_from_step))
   logging.info('Fine-tuning from %s, checkpoint of step %d: all layers but '
                'fc8 (re-initialised for %d classes; the source had %d).',
                workdir, step, config.model.num_classes,
@@ -179,6 +299,7 @@ def pretrained_params(config, params, mesh):
           for layer in params}
 
 
+# -------------------------------------------------------------- preemption
 class Preemption:
   """SIGTERM -> stop after the next step; many hosts agree on that step."""
 
@@ -208,44 +329,6 @@ class Preemption:
     return self.requested
 
 
-class MetricsLog:
-  """TensorBoard (clu) plus metrics.jsonl; process 0 writes, others log."""
-
-  def __init__(self, workdir):
-    self.is_writer = jax.process_index() == 0
-    self.writer = metric_writers.create_default_writer(
-        workdir, just_logging=not self.is_writer)
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-
-  def write(self, step: int, split: str, scalars: Dict[str, float]):
-    self.writer.write_scalars(step, {f'{split}/{k}': v
-                                     for k, v in scalars.items()})
-    if self.is_writer:
-      with open(self.path, 'a') as f:
-        f.write(json.dumps({'step': step, 'split': split, **scalars}) + '\n')
-
-  def close(self):
-    self.writer.flush()
-    self.writer.close()
-
-
-def _check_finite(step: int, metrics: Dict[str, float]):
-  for name in ('loss', 'param_norm', 'grad_norm'):
-    if not math.isfinite(metrics[name]):
-      raise DivergenceError(
-          f'Training diverged: {name} is {metrics[name]} at step {step} '
-          f'(learning rate {metrics["learning_rate"]:g}). The last good '
-          'checkpoint was kept as the latest; lower --config.optim.'
-          'learning_rate or add warm-up (--config.schedule.warmup_epochs) '
-          'and rerun in the same workdir to resume from it.')
-
-
-def _fmt_time(seconds: float) -> str:
-  seconds = int(seconds)
-  d, r = divmod(seconds, 86400)
-  return (f'{d}d ' if d else '') + time.strftime('%H:%M:%S', time.gmtime(r))
-
-
 # -------------------------------------------------------------------- main
 def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   """Trains `config` in `workdir` (resuming if it holds checkpoints).
@@ -253,11 +336,8 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   Returns the final TrainState and the last validation metrics.
   """
   # ---------------------------------------------------------------- logging
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  log = MetricsLog(workdir)
+  run_dir.write_config(workdir, config)
+  log = run_dir.MetricsLog(workdir)
   logging.info('Workdir %s. Processes: %d (this is %d); devices: %d global, '
                '%d local (%s).', workdir, jax.process_count(),
                jax.process_index(), jax.device_count(),
@@ -276,36 +356,24 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
                config.batch_size // jax.process_count())
 
   # ------------------------------------------------------------------ input
-  classes = input_pipeline.num_classes(config)
-  if classes != config.model.num_classes:
-    raise ValueError(
-        f'The dataset {config.data.dataset!r} has {classes} classes but '
-        f'config.model.num_classes={config.model.num_classes}: set '
-        f'--config.model.num_classes={classes}.')
-  # The augmentation's resample: builds the native op on first use, and
-  # fails here with what to do if config.data.resample='native' cannot.
-  native.resample_op(config.data.resample)
+  input_pipeline.check_config(config)
   steps_per_epoch = input_pipeline.steps_per_epoch(config)
   total_steps = config.total_steps or config.num_epochs * steps_per_epoch
-  cadence = functools.partial(every, total_steps=total_steps,
-                              steps_per_epoch=steps_per_epoch)
+  cadence = Cadence(config, steps_per_epoch, total_steps)
   logging.info('%d steps per epoch, %d steps (%.1f epochs) in all.',
                steps_per_epoch, total_steps, total_steps / steps_per_epoch)
 
   # ------------------------------------------------------------------ model
   model = model_lib.create_model(config.model)
   tx = optimizer_lib.create_optimizer(config.optim)
-  init = functools.partial(train_step_lib.create_train_state, model, tx,
-                           mesh, jax.random.PRNGKey(config.seed),
-                           config.data.crop_size)
-  abstract_state = jax.eval_shape(init)
+  abstract_state, init = run_dir.abstract_train_state(config, model, tx, mesh)
   table, num_params = parameter_table(abstract_state.params)
   logging.info('Parameters (%s):\n%s', f'{num_params:,}', table)
   schedule = schedules.create_schedule(config, steps_per_epoch)
 
   # ------------------------------------------------------------- checkpoint
-  manager = checkpoint_lib.create_manager(
-      os.path.join(workdir, 'checkpoints'), config.checkpoint)
+  manager = checkpoint_lib.create_manager(run_dir.checkpoint_dir(workdir),
+                                          config.checkpoint)
   if manager.latest_step() is not None:
     state, extra = checkpoint_lib.restore(manager, abstract_state, mesh)
     schedule.load_state_dict(extra['schedule'])
@@ -323,60 +391,20 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   # ----------------------------------------------------------------- update
   train_step = train_step_lib.make_train_step(model, tx, mesh, state)
   eval_step = train_step_lib.make_eval_step(model, mesh, state.params)
-  train_iter = input_pipeline.train_iterator(config, mesh,
-                                             start_step=start_step)
-
   run_outputs.write_communication(config, workdir, model, mesh)
-  figures_on = config.get('figures') is not None and config.figures.enabled
 
   # ------------------------------------------------------------------ evals
-  def run_eval(step):
-    t0 = time.time()
-    val = evaluate(eval_step, state.params,
-                   input_pipeline.eval_iterator(config, mesh))
-    log.write(step, 'val', val)
-    logging.info('Validation at step %d: top-1 error %.2f%%, top-5 error '
-                 '%.2f%%, loss %.4f (%d images, %.1fs).', step,
-                 100 * val['top1_error'], 100 * val['top5_error'],
-                 val['loss'], val['count'], time.time() - t0)
-    if figures_on:  # Figure 3 and how colour-specific each tower is.
-      towers = run_outputs.kernel_figures(workdir, log.writer, step,
-                                          state.params)
-      log.write(step, 'specialisation', towers)
-      logging.info('conv1 colour specificity (mean per tower): %s.', ', '.join(
-          f'{k[:-5]} {v:.3f}' for k, v in towers.items()
-          if k.endswith('_mean')))
-    return val
+  validate = Validation(config, workdir, mesh, eval_step, log)
+  last_val = {}
 
   # ------------------------------------------------------------------- loop
-  last_val = {}
-  current_lr = None
-  t_log, step_log = time.time(), start_step
-
-  def finish(step, metrics):
-    """A step's metrics to the host: the divergence check and the log."""
-    nonlocal t_log, step_log
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    _check_finite(step, metrics)
-    if cadence(step, every_steps=config.log_every_steps, first=True,
-               last=True):
-      dt = time.time() - t_log
-      steps_per_sec = (step - step_log) / max(dt, 1e-9)
-      log.write(step, 'train', {
-          **metrics, 'images_per_sec': steps_per_sec * config.batch_size,
-          'epoch': step / steps_per_epoch})
-      logging.info(
-          'step %d/%d  epoch %.2f  %.2f steps/s  ETA %s  loss %.4f  top-1 '
-          'error %.2f%%  lr %g', step, total_steps, step / steps_per_epoch,
-          steps_per_sec, _fmt_time((total_steps - step) / steps_per_sec),
-          metrics['loss'], 100 * metrics['top1_error'],
-          metrics['learning_rate'])
-      t_log, step_log = time.time(), step
-
+  train_iter = input_pipeline.train_iterator(config, mesh,
+                                             start_step=start_step)
   # A step's metrics are fetched while the next step runs (no per-step wait
-  # for the device), except where the host acts on that step: logging,
-  # evaluation, a checkpoint (never of a diverged state), the end.
-  pending = None
+  # for the device), except where the host acts on that step.
+  pending = PendingMetrics(Progress(log, cadence, config.batch_size,
+                                    start_step))
+  learning_rate = None
   try:
     with Preemption() as preemption:
       for step in range(start_step + 1, total_steps + 1):
@@ -386,45 +414,32 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
           logging.info('Live ReLU units at step 0 (firing on some image of '
                        'the first batch): fc6 %.1f%%, fc7 %.1f%%.',
                        100 * live['fc6'], 100 * live['fc7'])
-        lr = schedule.learning_rate(step - 1)
-        if lr != current_lr:
+        if schedule.learning_rate(step - 1) != learning_rate:
+          learning_rate = schedule.learning_rate(step - 1)
           state = state.replace(opt_state=optimizer_lib.set_learning_rate(
-              state.opt_state, lr))
-          current_lr = lr
+              state.opt_state, learning_rate))
         state, metrics = train_step(state, batch)
-        if pending:
-          finish(*pending)
-        pending = (step, metrics)
-        do_eval = cadence(step, every_steps=config.eval.every_steps,
-                          every_epochs=config.eval.every_epochs, first=True,
-                          last=True)
-        stop = preemption.stop_now(step)
-        do_save = stop or cadence(
-            step, every_steps=config.checkpoint.every_steps,
-            every_epochs=config.checkpoint.every_epochs, last=True)
-        if do_eval or do_save or cadence(
-            step, every_steps=config.log_every_steps, first=True, last=True):
-          finish(*pending)
-          pending = None
+        plan = cadence.plan(step, preemption.stop_now(step))
+        pending.push(step, metrics, plan.log)
+        if plan.needs_metrics:
+          pending.flush()
 
         val_error = None
-        if do_eval:
-          last_val = run_eval(step)
+        if plan.evaluate:
+          last_val = validate(step, state.params)
           val_error = last_val['top1_error']
           schedule.observe(step, val_error)
-
-        if do_save:
+        if plan.save:
           checkpoint_lib.save(manager, state,
                               {'schedule': schedule.state_dict()}, val_error)
-        if stop:
+        if plan.stop:
           logging.warning('Preempted: checkpoint of step %d saved; stopping.',
                           step)
           break
-      else:
-        if figures_on and start_step < total_steps:
+        if plan.final and validate.figures:
           t0 = time.time()
-          run_outputs.final_figures(config, workdir, log.writer, total_steps,
-                                    model, mesh, state.params)
+          run_outputs.final_figures(config, workdir, log.writer, step, model,
+                                    mesh, state.params)
           logging.info('Figures written to %s (%.1fs).',
                        os.path.join(workdir, run_outputs.FIGURES),
                        time.time() - t0)

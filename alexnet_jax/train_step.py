@@ -125,6 +125,24 @@ def make_train_step(model, tx, mesh, state):
   return train_step
 
 
+def make_predict_step(model, mesh, params):
+  """`predict_step(params, images) -> log_probs` (B, classes), on the mesh.
+
+  images (B, H, W, 3): the log-softmax of each image; (B, V, H, W, 3): the
+  log of the softmax averaged over the V views (§4.1), as eval_step.
+  """
+  apply = mesh_lib.sharded_apply(model, mesh)
+  by_data = mesh_lib.data_sharding(mesh)
+
+  @functools.partial(jax.jit, out_shardings=by_data,
+                     in_shardings=(mesh_lib.param_shardings(mesh, params),
+                                   by_data))
+  def predict_step(params, images):
+    return view_log_probs(apply, params, images)
+
+  return predict_step
+
+
 def make_eval_step(model, mesh, params):
   """`eval_step(params, batch) -> sums` over the mesh, centre or multi-crop.
 
@@ -134,10 +152,9 @@ def make_eval_step(model, mesh, params):
   sums over real examples: loss, top-1/top-5 correct, count.
   """
   apply = mesh_lib.sharded_apply(model, mesh)
-  param_sharding = jax.tree.map(lambda s: NamedSharding(mesh, s),
-                                mesh_lib.param_specs(params))
 
-  @functools.partial(jax.jit, in_shardings=(param_sharding, None),
+  @functools.partial(jax.jit, in_shardings=(
+      mesh_lib.param_shardings(mesh, params), None),
                      out_shardings=NamedSharding(mesh, P()))
   def eval_step(params, batch):
     images, labels = batch['images'], batch['labels']

@@ -1,27 +1,23 @@
 """The XLA:CPU options this project's entry points set.
 
-Both are XLA flags, read when JAX starts its CPU backend, so launch.py,
-evaluate.py, sweep.py and the benchmarks call `set_flags()` before any JAX
-work. GPU and TPU ignore them. Measured on the project's 2-core VM
-(docs/BENCHMARKS.md, "Train step on the CPU", attempts 10 and 15):
+Both are XLA flags, read when JAX starts its CPU backend, so the entry
+points set them (alexnet_jax/startup.py) before any JAX work. Why each
+(docs/BENCHMARKS.md, "Train step on the CPU", has the measurements):
 
 - The concurrency-optimised scheduler off (on by default in jax 0.10): it
   orders a step so that independent ops run side by side, which with
   AlexNet's large ops on a few cores only makes them compete, with each
-  other and with tf.data's threads: the demo took 142 s with it and 96 s
-  without (the same numbers to the last digit: only the order of
-  independent ops changes), the train step alone ~8% less CPU time.
+  other and with tf.data's threads. Only the order of independent ops
+  changes: the numbers are the same to the last digit.
 - Convolutions through XNNPACK instead of YNNPACK (jax 0.10's default for
   them): YNNPACK runs a convolution with 64 or fewer output channels on one
   core (conv1's forward pass, 48 channels a tower, and conv2's input
-  gradient) and the 13x13 layers at 60-80% of the matmul rate; XNNPACK
-  runs all of them on every core. The train step: 1,797-2,217 -> 1,533-1,690
-  ms at batch 32, 51-58% -> 66-71% of the matmul rate (with XLA's own weight
-  gradients, which are faster than conv.py's taps with these convolutions).
+  gradient); XNNPACK runs all of them on every core. With these
+  convolutions XLA's own weight gradients are faster than conv.py's taps.
   Matrix products stay YNNPACK's.
 
 The tests keep XLA's defaults: their time is compiling, and on their 8 fake
-devices sharing 2 cores the default scheduler was ~10% faster.
+devices sharing 2 cores the default scheduler was faster.
 """
 
 import os

@@ -170,9 +170,9 @@ def main():
     offsets = tf.stack(pp.crop_offsets(
         tf.random.experimental.stateless_split(s, 3)[0], limit, limit))
     shape = tf.image.extract_jpeg_shape(x)
-    oy, ox, side = pp._square(shape[0], shape[1])
-    lo, size, first, last = pp._window(offsets, side, d.resize_size,
-                                       d.crop_size, 1.0)
+    oy, ox, side = pp.central_square(shape[0], shape[1])
+    lo, size, first, last = pp.decode_window(offsets, side, d.resize_size,
+                                             d.crop_size, 1.0)
     img = tf.image.decode_and_crop_jpeg(
         x, tf.concat([tf.stack([oy, ox]) + lo, size], 0), channels=3)
     if not resample:

@@ -145,7 +145,7 @@ def main():
   if args.xla_max_pool_grad:
     from alexnet_jax import model as model_lib
     from alexnet_jax import pool
-    model_lib.max_pool = pool._pool
+    model_lib.max_pool = pool.xla_max_pool
   step, state, batch = full_step(args.batch, d, t, args.dtype,
                                  args.conv_kernel_grad)
   mm, a, mm_flops = matmul(args.matmul_size, args.dtype)

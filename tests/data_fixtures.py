@@ -1,5 +1,11 @@
-"""Demo data built once per test session (small, seconds)."""
+"""Test data: demo data built once per test session (small, seconds), photo-
+like JPEGs and image folders."""
+import io
+import os
+
 import jax
+import numpy as np
+from PIL import Image
 import pytest
 
 from alexnet_jax import demo_data
@@ -35,3 +41,31 @@ def demo_config(data_dir, batch_size=16):
 def make_mesh(data, tower=1):
   return jax.make_mesh((data, tower), ('data', 'tower'),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def smooth_jpeg(h, w, fmt='JPEG', seed=0, cell=8):
+  """Photo-like: smooth colour fields (bicubic upsampling of noise)."""
+  rng = np.random.default_rng(seed)
+  small = rng.integers(0, 256, (h // cell + 2, w // cell + 2, 3), np.uint8)
+  img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+  buf = io.BytesIO()
+  img.save(buf, fmt, quality=95)
+  return buf.getvalue()
+
+
+# (h, w, format): upsampling, downscaling by < 2x and by > 2x (antialiased
+# path), both orientations, a non-JPEG; shorter side already 64 (whole-pixel
+# path, as the pre-resized copies).
+SIZES = [(40, 50, 'JPEG'), (90, 70, 'JPEG'), (100, 130, 'PNG'),
+         (150, 200, 'JPEG'), (210, 140, 'PNG'), (64, 80, 'JPEG'),
+         (72, 64, 'PNG')]
+
+
+def write_folder(root, classes, n=4):
+  """root/{train,val}/<class>/<i>.jpg: n small solid images per class."""
+  for split in ('train', 'val'):
+    for k, c in enumerate(classes):
+      os.makedirs(root / split / c)
+      for i in range(n):
+        Image.new('RGB', (40 + i, 30), (60 * k, 0, 0)).save(
+            root / split / c / f'{i}.jpg')

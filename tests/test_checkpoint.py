@@ -15,24 +15,10 @@ from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import mesh as mesh_lib
 from alexnet_jax import model as model_lib
 from alexnet_jax import optimizer as optimizer_lib
+from alexnet_jax import run_dir
 from alexnet_jax import train
 from alexnet_jax import train_step as train_step_lib
 from tests import train_helpers as th
-
-
-def _restore_params(workdir, config, mesh=None):
-  """The latest checkpoint's params (and its step), as numpy."""
-  mesh = mesh or mesh_lib.make_mesh(config.model.num_towers, 1, 1)
-  model = model_lib.create_model(config.model)
-  tx = optimizer_lib.create_optimizer(config.optim)
-  abstract = jax.eval_shape(functools.partial(
-      train_step_lib.create_train_state, model, tx, mesh,
-      jax.random.PRNGKey(config.seed), config.data.crop_size))
-  manager = checkpoint_lib.create_manager(
-      os.path.join(workdir, 'checkpoints'), config.checkpoint)
-  state, extra = checkpoint_lib.restore(manager, abstract, mesh)
-  manager.close()
-  return jax.device_get(state), extra
 
 
 def _assert_same_tree(a, b):
@@ -62,8 +48,8 @@ def test_kill9_then_resume_is_bitwise_the_uninterrupted_run(data_dir,
   assert 'Resumed from the checkpoint of step' in out
 
   config = th.tiny_config(**overrides)
-  a, a_extra = _restore_params(whole, config)
-  b, b_extra = _restore_params(broken, config)
+  a, a_extra = th.restore_latest(whole, config)
+  b, b_extra = th.restore_latest(broken, config)
   assert int(a.step) == int(b.step) == 10
   _assert_same_tree(a, b)  # Params, momentum, lr, rng: bit for bit.
   assert a_extra == b_extra  # The plateau rule's state ...
@@ -119,7 +105,7 @@ def test_restore_onto_another_mesh(data_dir, tmp_path):
   assert dict(big.shape) == {'data': 2, 'tower': 2}
 
   one = mesh_lib.make_mesh(config.model.num_towers, 1, 1)
-  state, _ = _restore_params(workdir, config, one)
+  state, _ = th.restore_latest(workdir, config, one)
   _assert_same_tree(jax.device_get(trained), state)
 
   model = model_lib.create_model(config.model)
@@ -160,8 +146,7 @@ def test_best_is_stored_with_its_checkpoint_and_survives_a_resume(tmp_path):
     checkpoint_lib.save(resumed, _tiny_state(step, step), {'s': step}, err)
   resumed.wait_until_finished()
   assert resumed.all_steps() == [2, 5, 6]
-  from alexnet_jax import evaluate  # pylint: disable=g-import-not-at-top
   # 'best' reads the stored metric, not metrics.jsonl (here: none given).
-  assert evaluate.checkpoint_step(resumed, 'best') == 2
-  assert evaluate.checkpoint_step(resumed, 'best', {5: 0.1}) == 2
+  assert run_dir.checkpoint_step(resumed, 'best') == 2
+  assert run_dir.checkpoint_step(resumed, 'best', {5: 0.1}) == 2
   resumed.close()

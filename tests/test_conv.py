@@ -25,7 +25,7 @@ def test_kernel_grad_taps_matches_xla(size, kernel, stride, padding):
     # Non-square input: rows and columns must not be swapped.
     x = jnp.asarray(rng.normal(size=(2, size, size + stride, 3)))
     k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 5)))
-    y, vjp = jax.vjp(lambda k: conv_lib._xla_conv(x, k, stride, padding), k)
+    y, vjp = jax.vjp(lambda k: conv_lib.xla_conv(x, k, stride, padding), k)
     dy = jnp.asarray(rng.normal(size=y.shape))
     got = conv_lib.kernel_grad_taps(x, dy, k.shape, stride, padding)
     np.testing.assert_allclose(got, vjp(dy)[0], rtol=1e-10, atol=1e-10)
@@ -41,7 +41,7 @@ def test_shared_input_towers_match_separate_xla_convs(stride, padding):
   with jax.enable_x64(True):
     x = jnp.asarray(rng.normal(size=(3, size, size, 4)))
     ks = jnp.asarray(rng.normal(size=(2, kernel, kernel, 4, 6)))
-    w = jnp.asarray(rng.normal(size=(2,) + conv_lib._xla_conv(
+    w = jnp.asarray(rng.normal(size=(2,) + conv_lib.xla_conv(
         x, ks[0], stride, padding).shape))
 
     def loss(x, ks, kernel_grad):
@@ -72,7 +72,7 @@ def test_taps_under_shard_map_sums_kernel_gradient_over_data():
     return jax.jit(jax.grad(f, argnums=1))(x, ks)
 
   np.testing.assert_allclose(grad('taps'), grad('xla'), rtol=2e-5, atol=1e-3)
-  full = jax.grad(lambda ks: jnp.sum(conv_lib._xla_conv(x, ks[0], 1, pad)
+  full = jax.grad(lambda ks: jnp.sum(conv_lib.xla_conv(x, ks[0], 1, pad)
                                      ** 2))(ks)
   np.testing.assert_allclose(grad('taps'), full, rtol=2e-5, atol=1e-3)
 

@@ -16,6 +16,7 @@ from alexnet_jax import evaluate
 from alexnet_jax import mesh as mesh_lib
 from alexnet_jax import model as model_lib
 from alexnet_jax import optimizer as optimizer_lib
+from alexnet_jax import run_dir
 from alexnet_jax import train
 from alexnet_jax import train_step as train_step_lib
 from tests import train_helpers as th
@@ -71,7 +72,7 @@ def test_ten_crop_is_the_softmax_average_of_the_views():
       {'params': host_params}, views.reshape((b * v, 64, 64, 3))))
   hand = _softmax(logits.astype(np.float64)).reshape(b, v, -1).mean(axis=1)
 
-  predict_step = evaluate.make_predict_step(model, mesh, state.params)
+  predict_step = train_step_lib.make_predict_step(model, mesh, state.params)
   ours = np.exp(np.asarray(predict_step(state.params, views), np.float64))
   np.testing.assert_allclose(ours, hand, rtol=1e-5, atol=1e-7)
   assert not np.allclose(hand, _softmax(logits.reshape(b, v, -1)[:, 0]))
@@ -166,7 +167,7 @@ def test_clear_errors_for_missing_runs_and_mismatched_members(runs,
     evaluate.evaluate_runs([a], crops=('centre',))
   other = tmp_path / 'other'
   other.mkdir()
-  config = evaluate.load_config(a)
+  config = run_dir.load_config(a)
   config.model.num_classes = 10
   (other / 'config.json').write_text(config.to_json())
   with pytest.raises(ValueError, match='same number of classes'):
@@ -179,7 +180,7 @@ def test_clear_errors_for_missing_runs_and_mismatched_members(runs,
 def test_best_checkpoint_is_the_lowest_validation_error(runs):
   a, _ = runs
   from alexnet_jax import checkpoint as checkpoint_lib
-  config = evaluate.load_config(a)
+  config = run_dir.load_config(a)
   manager = checkpoint_lib.create_manager(os.path.join(a, 'checkpoints'),
                                           config.checkpoint)
   try:
@@ -189,10 +190,10 @@ def test_best_checkpoint_is_the_lowest_validation_error(runs):
               for s in manager.all_steps()}
     assert sorted(stored) == [1, 2]
     best = min(stored, key=lambda s: (stored[s], -s))
-    assert evaluate.checkpoint_step(manager, 'best') == best
-    assert evaluate.checkpoint_step(
+    assert run_dir.checkpoint_step(manager, 'best') == best
+    assert run_dir.checkpoint_step(
         manager, 'best', {s: -e for s, e in stored.items()}) == best
-    assert evaluate.checkpoint_step(manager, 'latest') == 2
+    assert run_dir.checkpoint_step(manager, 'latest') == 2
   finally:
     manager.close()
 
@@ -202,9 +203,9 @@ def test_best_checkpoint_is_the_lowest_validation_error(runs):
     all_steps = lambda self: list(self.saved)
     metrics = lambda self, step: {checkpoint_lib.VAL_ERROR: self.saved[step]}
 
-  assert evaluate.checkpoint_step(Scored(), 'best') == 4
+  assert run_dir.checkpoint_step(Scored(), 'best') == 4
   # Saved errors outrank errors read elsewhere.
-  assert evaluate.checkpoint_step(Scored(), 'best',
+  assert run_dir.checkpoint_step(Scored(), 'best',
                                   {1: 0.0, 2: 0.9, 3: 0.9, 4: 0.9}) == 4
 
   class Unscored:  # Checkpoints saved without metrics (older runs).
@@ -212,10 +213,10 @@ def test_best_checkpoint_is_the_lowest_validation_error(runs):
     all_steps = lambda self: [1, 2]
     metrics = lambda self, step: None
 
-  assert evaluate.checkpoint_step(Unscored(), 'best', {1: 0.5, 2: 0.6}) == 1
-  assert evaluate.checkpoint_step(Unscored(), 'best', {1: 0.5, 2: 0.4}) == 2
+  assert run_dir.checkpoint_step(Unscored(), 'best', {1: 0.5, 2: 0.6}) == 1
+  assert run_dir.checkpoint_step(Unscored(), 'best', {1: 0.5, 2: 0.4}) == 2
   with pytest.raises(ValueError, match='none is "best"'):
-    evaluate.checkpoint_step(Unscored(), 'best', {3: 0.1})
+    run_dir.checkpoint_step(Unscored(), 'best', {3: 0.1})
 
 
 def test_top_k_rules_on_hand_made_scores():

@@ -10,6 +10,7 @@ from PIL import Image
 
 from alexnet_jax import figures
 from alexnet_jax import mesh as mesh_lib
+from alexnet_jax import run_dir
 from alexnet_jax import run_outputs
 from alexnet_jax.model import AlexNet
 
@@ -135,7 +136,7 @@ def test_fc7_features_are_what_fc8_reads(tiny_net):
 
 
 def test_streaming_nearest_images_equal_brute_force():
-  """run_outputs._merge over uneven, padded batches keeps, for each query,
+  """run_outputs.merge_nearest over uneven, padded batches keeps, for each query,
   the images of the k nearest training examples, nearest first; each
   "image" here holds its example's index, so the kept ones can be read."""
   rng = np.random.default_rng(3)
@@ -152,7 +153,7 @@ def test_streaming_nearest_images_equal_brute_force():
     index = np.zeros((rows, 1, 1, 1), np.float32)
     index[:size, 0, 0, 0] = np.arange(start, start + size)
     mask = (np.arange(rows) < size).astype(np.float32)
-    best_d2, best = run_outputs._merge(best_d2, best, queries, feats, index,  # pylint: disable=protected-access
+    best_d2, best = run_outputs.merge_nearest(best_d2, best, queries, feats, index,
                                        mask)
     start += size
   d = np.linalg.norm(queries[:, None] - train[None], axis=-1)
@@ -200,7 +201,7 @@ def test_curves_from_workdir_reads_clu_tensorboard_events(tmp_path):
   figures.write_to_tensorboard(writer, 20, {
       'conv1': np.zeros((8, 8, 3), np.uint8)})
   writer.flush()
-  history = figures.curves_from_workdir(str(tmp_path))
+  history = run_dir.read_curves(str(tmp_path))
   assert history == {'train/loss': [(10, 2.0), (20, 1.5)],
                      'val/top1_error': [(10, 0.5)]}
 
@@ -210,7 +211,7 @@ def test_curves_from_metrics_jsonl(tmp_path):
           {'step': 5, 'split': 'val', 'top1_error': 0.9}]
   (tmp_path / 'metrics.jsonl').write_text(
       ''.join(json.dumps(r) + '\n' for r in rows))
-  assert figures.curves_from_workdir(str(tmp_path)) == {
+  assert run_dir.read_curves(str(tmp_path)) == {
       'train/loss': [(5, 3.0)], 'train/learning_rate': [(5, 0.01)],
       'val/top1_error': [(5, 0.9)]}
 

@@ -4,12 +4,11 @@ import threading
 import time
 
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow as tf
 
 from alexnet_jax import input_pipeline as ip
-from tests.data_fixtures import demo_config, demo_dir, make_mesh, SPEC  # pylint: disable=unused-import
+from tests.data_fixtures import demo_config, demo_dir, make_mesh, SPEC, write_folder  # pylint: disable=unused-import
 
 
 def take(it, n):
@@ -120,17 +119,8 @@ def test_missing_imagenet_tars_named(tmp_path):
   assert 'ILSVRC2012_img_val.tar' in msg and 'image-net.org' in msg
 
 
-def _folder(root, classes, n=4):
-  for split in ('train', 'val'):
-    for k, c in enumerate(classes):
-      os.makedirs(root / split / c)
-      for i in range(n):
-        Image.new('RGB', (40 + i, 30), (60 * k, 0, 0)).save(
-            root / split / c / f'{i}.jpg')
-
-
 def test_folder_dataset(tmp_path):
-  _folder(tmp_path, ['cat', 'dog'])
+  write_folder(tmp_path, ['cat', 'dog'])
   (tmp_path / 'val' / 'dog' / 'bad.jpg').write_bytes(b'\xff\xd8\xffnope')
   c = demo_config('')
   c.data.dataset, c.data.folder = 'folder', str(tmp_path)
@@ -143,7 +133,7 @@ def test_folder_dataset(tmp_path):
 
 
 def test_empty_class_folder(tmp_path):
-  _folder(tmp_path, ['cat', 'dog'])
+  write_folder(tmp_path, ['cat', 'dog'])
   os.makedirs(tmp_path / 'train' / 'empty')
   c = demo_config('')
   c.data.dataset, c.data.folder = 'folder', str(tmp_path)

@@ -1,7 +1,5 @@
 """The network: exact parameter counts, shapes, and sharded == reference."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +9,9 @@ from alexnet_jax import mesh as mesh_lib
 from alexnet_jax.model import (AlexNet, conv1_padding, create_model,
                                dropout_mask, lrn)
 from configs.alexnet import get_config
-from tests.reference import _lrn as reference_lrn
-from tests.reference import reference_apply
+from tests.reference import fresh_rng, lrn as reference_lrn, rel_err
+from tests.reference import (reference_forward, reference_train_in_float64,
+                             xent)
 
 # PAPER.md's layer table.
 PAPER_PARAMS = {'conv1': 34_944, 'conv2': 307_456, 'conv3': 885_120,
@@ -33,16 +32,6 @@ def param_shapes(model, size):
 
 def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
-def fresh_rng():
-  seed = int(np.random.SeedSequence().entropy % 2**31)
-  return seed, np.random.default_rng(seed)
 
 
 def test_paper_parameter_count_is_exact():
@@ -107,34 +96,6 @@ def init_small(seed_rng, size=99, batch=8, **kw):
                        jnp.float32)
   labels = jnp.asarray(seed_rng.integers(0, model.num_classes, batch))
   return model, params, images, labels
-
-
-def xent(logits, labels):
-  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
-                                       labels[:, None], -1))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def reference_forward(model, params, images):
-  return reference_apply(model, params, images)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _reference_train_loss(model, params, images, labels, rng):
-  def loss(p):
-    logits = reference_apply(model, p, images, train=True, dropout_rng=rng)
-    return xent(logits, labels), logits
-  return jax.value_and_grad(loss, has_aux=True)(params)
-
-
-def reference_train_in_float64(model, params, images, labels, rng):
-  """((loss, logits), grads) of the reference network in float64, the oracle
-  the float32 model is held to. (In float32, XLA:CPU's grouped-convolution
-  gradient alone is off by up to 1e-3 relative, far more than the model.)"""
-  with jax.enable_x64(True):
-    to64 = lambda x: jnp.asarray(x, jnp.float64)
-    return jax.device_get(_reference_train_loss(
-        model, jax.tree.map(to64, params), to64(images), labels, rng))
 
 
 @pytest.mark.parametrize('shape', MESHES, ids=str)

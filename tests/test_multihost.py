@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from tests import train_helpers as th
-from tests.test_checkpoint import _restore_params
 
 
 def _free_port():
@@ -63,8 +62,8 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out[-3000:]
 
-  a, _ = _restore_params(multi, config)
-  b, _ = _restore_params(single, config)
+  a, _ = th.restore_latest(multi, config)
+  b, _ = th.restore_latest(single, config)
   assert int(a.step) == int(b.step) == 4
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ from alexnet_jax import input_pipeline as ip
 from alexnet_jax import native
 from alexnet_jax import preprocess as pp
 from configs import alexnet
-from tests.test_preprocess import SIZES, smooth_jpeg
+from tests.data_fixtures import SIZES, smooth_jpeg
 
 
 def numpy_bilinear(image, grid, size):
@@ -141,19 +141,19 @@ def test_build_failure_falls_back_or_says_what_to_do(monkeypatch, tmp_path):
   with a message naming the way out."""
   monkeypatch.setenv('ALEXNET_JAX_CACHE_DIR', str(tmp_path))
   monkeypatch.setenv('CXX', 'false')  # A "compiler" that always fails.
-  native._load.cache_clear()  # pylint: disable=protected-access
+  native.reset()
   try:
     assert native.resample_op('auto') is None
     with pytest.raises(native.BuildError, match='config.data.resample=tf'):
       native.resample_op('native')
     monkeypatch.setenv('CXX', 'no-such-compiler')
-    native._load.cache_clear()  # pylint: disable=protected-access
+    native.reset()
     with pytest.raises(native.BuildError, match='no C\\+\\+ compiler'):
       native.resample_op('native')
     # Nothing half-built is left to be loaded later.
     assert not [n for n in os.listdir(tmp_path) if n.endswith('.so')]
   finally:
-    native._load.cache_clear()  # pylint: disable=protected-access
+    native.reset()
 
 
 def test_concurrent_builds_compile_once(tmp_path):

@@ -21,10 +21,10 @@ def test_gradient_equals_select_and_scatter_with_ties(shape, window, stride):
   go to the first maximum in row-major order, as XLA's does, exactly."""
   x = jnp.asarray(np.random.default_rng(window * 10 + stride).integers(
       0, 4, size=shape).astype(np.float32))
-  out_shape = pool._pool(x, window, stride).shape
+  out_shape = pool.xla_max_pool(x, window, stride).shape
   w = jnp.arange(1.0, 1.0 + np.prod(out_shape)).reshape(out_shape)
   ours = jax.grad(lambda x: jnp.sum(pool.max_pool(x, window, stride) * w))(x)
-  xla = jax.grad(lambda x: jnp.sum(pool._pool(x, window, stride) * w))(x)
+  xla = jax.grad(lambda x: jnp.sum(pool.xla_max_pool(x, window, stride) * w))(x)
   np.testing.assert_array_equal(ours, xla)
   np.testing.assert_array_equal(pool.max_pool(x, window, stride),
-                                pool._pool(x, window, stride))
+                                pool.xla_max_pool(x, window, stride))

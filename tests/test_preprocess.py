@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from alexnet_jax import preprocess as pp
 from configs.alexnet import get_config
+from tests.data_fixtures import SIZES, smooth_jpeg, write_folder
 
 D = get_config().data
 SEED = tf.constant([3, 7], tf.int64)
@@ -141,8 +142,7 @@ def test_train_preprocess_is_function_of_seed():
 
 def test_data_stats_match_numpy(tmp_path):
   from alexnet_jax import data_stats  # pylint: disable=g-import-not-at-top
-  from tests.test_input_pipeline import _folder  # pylint: disable=g-import-not-at-top
-  _folder(tmp_path, ['a', 'b'], n=3)
+  write_folder(tmp_path, ['a', 'b'], n=3)
   c = get_config()
   c.data.dataset, c.data.folder, c.data.resize_size = 'folder', str(tmp_path), 16
   stats = data_stats.compute(c, batch=4)
@@ -153,24 +153,6 @@ def test_data_stats_match_numpy(tmp_path):
   v, s = stats['eigvecs'], stats['stddevs']
   np.testing.assert_allclose(v @ np.diag(s ** 2) @ v.T, cov, atol=1e-3 * max(1, np.abs(cov).max()))
   assert data_stats.save(stats, str(tmp_path / 'out')).endswith('.npy')
-
-
-def smooth_jpeg(h, w, fmt='JPEG', seed=0, cell=8):
-  """Photo-like: smooth colour fields (bicubic upsampling of noise)."""
-  rng = np.random.default_rng(seed)
-  small = rng.integers(0, 256, (h // cell + 2, w // cell + 2, 3), np.uint8)
-  img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
-  buf = io.BytesIO()
-  img.save(buf, fmt, quality=95)
-  return buf.getvalue()
-
-
-# (h, w, format): upsampling, downscaling by < 2x and by > 2x (antialiased
-# path), both orientations, a non-JPEG; shorter side already 64 (whole-pixel
-# path, as the pre-resized copies).
-SIZES = [(40, 50, 'JPEG'), (90, 70, 'JPEG'), (100, 130, 'PNG'),
-         (150, 200, 'JPEG'), (210, 140, 'PNG'), (64, 80, 'JPEG'),
-         (72, 64, 'PNG')]
 
 
 @pytest.mark.parametrize('h,w,fmt', SIZES)

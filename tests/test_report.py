@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from alexnet_jax import evaluate
 from alexnet_jax import figures
+from alexnet_jax import mesh as mesh_lib
 from alexnet_jax import report
+from alexnet_jax import run_dir
 from alexnet_jax import sweep
 from tests import train_helpers as th
 
@@ -83,9 +84,9 @@ def test_report_rows_match_the_workdirs(swept, tmp_path):
     assert len(train) == 6
     assert a['epochs_to_25'] == report.epochs_to_error(train)
     # Parameters and colour specificity from the final checkpoint itself.
-    config = evaluate.load_config(workdir)
-    _, params, step = evaluate.restore_params(
-        config, workdir, evaluate.make_mesh(config, (1, 1)))
+    config = run_dir.load_config(workdir)
+    _, params, step = run_dir.restore_params(
+        config, workdir, mesh_lib.make_mesh(config.model.num_towers, 1, 1))
     assert step == 6
     import jax  # pylint: disable=g-import-not-at-top
     assert a['num_params'] == sum(x.size for x in jax.tree.leaves(params))

@@ -16,8 +16,8 @@ from tests import train_helpers as th
 
 
 def test_every_first_last_steps_epochs():
-  run = dict(total_steps=10, steps_per_epoch=4)
-  fired = lambda **k: [s for s in range(1, 11) if train.every(s, **run, **k)]
+  cadence = train.Cadence(None, steps_per_epoch=4, total_steps=10)
+  fired = lambda **k: [s for s in range(1, 11) if cadence.every(s, **k)]
   assert fired(every_steps=3) == [3, 6, 9]
   assert fired(every_epochs=1.0) == [4, 8]
   assert fired(every_epochs=0.5, first=True, last=True) == [1, 2, 4, 6, 8, 10]
@@ -71,13 +71,13 @@ def test_resample_setting_checked_before_the_model(data_dir, tmp_path,
     train.train_and_evaluate(config, str(tmp_path / 'a'))
   monkeypatch.setenv('ALEXNET_JAX_CACHE_DIR', str(tmp_path / 'ops'))
   monkeypatch.setenv('CXX', 'false')
-  native._load.cache_clear()  # pylint: disable=protected-access
+  native.reset()
   try:
     config = th.tiny_config(data_dir, **{'data.resample': 'native'})
     with pytest.raises(native.BuildError, match='--config.data.resample=tf'):
       train.train_and_evaluate(config, str(tmp_path / 'b'))
   finally:
-    native._load.cache_clear()  # pylint: disable=protected-access
+    native.reset()
   assert th.checkpoint_steps(str(tmp_path / 'b')) == []
 
 

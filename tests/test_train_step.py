@@ -10,7 +10,7 @@ from alexnet_jax import mesh as mesh_lib
 from alexnet_jax import optimizer, train_step
 from alexnet_jax.model import AlexNet
 from configs.alexnet import get_config
-from tests.test_model import (fresh_rng, reference_train_in_float64, rel_err)
+from tests.reference import (fresh_rng, reference_train_in_float64, rel_err)
 
 SIZE, BATCH, STEPS = 99, 8, 2
 

@@ -92,6 +92,26 @@ def checkpoint_steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit())
 
 
+def restore_latest(workdir, config, mesh=None):
+  """The latest checkpoint's (state, extra) as numpy, on `mesh` (default one
+  device)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import run_dir  # pylint: disable=g-import-not-at-top
+  mesh = mesh or mesh_lib.make_mesh(config.model.num_towers, 1, 1)
+  abstract, _ = run_dir.abstract_train_state(
+      config, model_lib.create_model(config.model),
+      optimizer_lib.create_optimizer(config.optim), mesh)
+  manager = checkpoint_lib.create_manager(run_dir.checkpoint_dir(workdir),
+                                          config.checkpoint)
+  state, extra = checkpoint_lib.restore(manager, abstract, mesh)
+  manager.close()
+  return jax.device_get(state), extra
+
+
 def subprocess_env(num_devices=8):
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={num_devices}'
