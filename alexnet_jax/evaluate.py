@@ -33,6 +33,7 @@ import numpy as np
 
 from alexnet_jax import input_pipeline
 from alexnet_jax import mesh as mesh_lib
+from alexnet_jax import paths
 from alexnet_jax import run_dir
 from alexnet_jax import train_step as train_step_lib
 
@@ -40,8 +41,8 @@ CROPS = ('center', 'ten')
 CROP_NAMES = {'center': 'centre crop', 'ten': '10 crops'}
 RESULTS_FILE = 'eval_results.json'
 
-# ILSVRC-2012 validation error, PAPER.md "Results to compare against" (the
-# paper's Table 2 and §6; cuda-convnet2 for the centre crop, PAPER.md §4.1).
+# ILSVRC-2012 validation error, docs/PAPER.md "Results to compare against"
+# (the paper's Table 2 and §6; cuda-convnet2 for the centre crop).
 # (model, top-1 error, top-5 error).
 PAPER_RESULTS = (
     ('paper, 1 CNN (10-crop)', 0.407, 0.182),
@@ -105,17 +106,17 @@ def predict_run(config, workdir: str, mesh, checkpoint: str = 'latest',
 def metrics(probs: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
   """Loss and top-1/top-5 error of (averaged) softmax outputs `probs`.
 
-  Ranks as eval_step: an image counts as top-k correct when fewer than k
-  classes score strictly higher than its label (k <= number of classes).
+  Ranks as eval_step (train_step.top_k_correct): an image counts as top-k
+  correct when fewer than k other classes score at least as high as its
+  label (NaN counts against it).
   """
   p_label = np.take_along_axis(probs, labels[:, None], axis=-1)
-  rank = (probs > p_label).sum(axis=-1)
-  k5 = min(5, probs.shape[-1])
+  rank = (~(probs < p_label)).sum(axis=-1) - 1
   with np.errstate(divide='ignore'):
     loss = -np.log(p_label[:, 0])
   return {'loss': float(loss.mean()),
           'top1_error': float((rank >= 1).mean()),
-          'top5_error': float((rank >= k5).mean()),
+          'top5_error': float((rank >= 5).mean()),
           'count': int(labels.shape[0])}
 
 
@@ -156,6 +157,8 @@ def evaluate_runs(workdirs: Sequence[str], checkpoint: str = 'latest',
                      f'{",".join(CROPS)}.')
   configs = [run_dir.load_config(w, defaults, overrides)
              for w in workdirs]
+  for c in configs:
+    paths.check_config(c)
   classes = {w: c.model.num_classes for w, c in zip(workdirs, configs)}
   if len(set(classes.values())) > 1:
     raise ValueError(
@@ -171,7 +174,7 @@ def evaluate_runs(workdirs: Sequence[str], checkpoint: str = 'latest',
     run = predict_run(config, workdir, mesh, checkpoint, crops, compiled)
     if keep_predictions:
       predictions.append({crop: run[crop] for crop in crops})
-    member = {'workdir': os.path.abspath(workdir), 'step': run['step'],
+    member = {'workdir': paths.absolute(workdir), 'step': run['step'],
               'mesh': [int(mesh.shape[mesh_lib.DATA]),
                        int(mesh.shape[mesh_lib.TOWER])]}
     for crop in crops:
@@ -204,11 +207,11 @@ def evaluate_runs(workdirs: Sequence[str], checkpoint: str = 'latest',
 # ---------------------------------------------------------------- reports
 def write_results(results: Dict[str, Any], workdir: str) -> str:
   """eval_results.json in `workdir` (process 0 only); returns its path."""
-  path = os.path.join(workdir, RESULTS_FILE)
+  path = paths.join(workdir, RESULTS_FILE)
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump({k: v for k, v in results.items() if k != 'predictions'}, f,
-                indent=2, sort_keys=True)
+    paths.write_text(path, json.dumps(
+        {k: v for k, v in results.items() if k != 'predictions'}, indent=2,
+        sort_keys=True))
   return path
 
 

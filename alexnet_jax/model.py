@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from alexnet_jax.conv import conv
 from alexnet_jax.lrn import lrn
 from alexnet_jax.pool import max_pool
 
@@ -54,8 +53,12 @@ def conv1_padding(mode: str, image_size: int, kernel: int = 11, stride: int = 4)
                    f"'torchvision', got {mode!r}.")
 
 
+DROPOUT_SCALINGS = ('paper', 'inverted')
+
+
 def dropout_mask(rng, layer: str, tower, example_ids, shape, rate):
-  """Keep-mask of shape (len(example_ids),) + shape, scaled by 1/(1-rate).
+  """Keep-mask (1 kept, 0 dropped, float32) of shape (len(example_ids),) +
+  shape, each unit dropped with probability `rate`.
 
   A function of (rng, layer, global tower index, global example index) only,
   so a sharded step draws the same masks as a single-device one. `layer` is
@@ -69,7 +72,7 @@ def dropout_mask(rng, layer: str, tower, example_ids, shape, rate):
     return jax.random.bernoulli(jax.random.fold_in(key, example_id), keep,
                                 shape)
 
-  return jax.vmap(one)(example_ids).astype(jnp.float32) / keep
+  return jax.vmap(one)(example_ids).astype(jnp.float32)
 
 
 class _LayerParams(nn.Module):
@@ -112,12 +115,17 @@ class AlexNet(nn.Module):
   pool_window: int = 3
   pool_stride: int = 2
   dropout_rate: float = 0.5
+  # 'paper': training zeroes units, test multiplies by 1 - rate (§4.2);
+  # 'inverted': training divides the kept units by 1 - rate, test does nothing.
+  dropout_scaling: str = 'paper'
   init_scheme: str = 'paper'
   init_stddev: float = 0.01
   init_bias_one: Sequence[str] = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
   dtype: str = 'float32'
-  # How convolution weight gradients are computed (speed only; see conv.py).
-  conv_kernel_grad: str = 'auto'
+  # Hand-written gradients (speed only, same numbers): 'auto' (on the CPU
+  # only), 'custom' or 'xla' (alexnet_jax/backends.py).
+  max_pool_grad: str = 'auto'
+  lrn_grad: str = 'auto'
   # Set by mesh.py when the module runs under shard_map.
   tower_axis: Optional[str] = None
   tower_axis_size: int = 1
@@ -153,8 +161,7 @@ class AlexNet(nn.Module):
     for layer in ('fc6', 'fc7'):
       xs = self._dense(layer, self._maybe_exchange(layer, xs),
                        self._width(self.fc_features))
-      if train:
-        xs = self._dropout(layer, xs, dropout_rng, example_ids)
+      xs = self._dropout(layer, xs, train, dropout_rng, example_ids)
       # The hidden features (Figure 4's nearest neighbours use fc7), when
       # 'intermediates' is mutable.
       self.sow('intermediates', f'{layer}_features', xs)
@@ -171,15 +178,10 @@ class AlexNet(nn.Module):
     kernel, bias = self._params(
         layer, (l, size, size, x0.shape[-1], features), (l, features))
     padding = padding or ((size // 2, size // 2),) * 2
-    k = self.conv_kernel_grad
-    if isinstance(inputs, Shared) and l > 1:
-      # One call for the towers that read the same input: conv.py then
-      # computes their weight gradients together.
-      ys = conv(inputs.x, kernel, stride, padding, k)
-    else:
-      xs = [inputs.x] if isinstance(inputs, Shared) else inputs
-      ys = [conv(x, kernel[t:t + 1], stride, padding, k)[0]
-            for t, x in enumerate(xs)]
+    xs = [inputs.x] * l if isinstance(inputs, Shared) else inputs
+    ys = [lax.conv_general_dilated(x, kernel[t], (stride, stride), padding,
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+          for t, x in enumerate(xs)]
     return [self._act(y + bias[t]) for t, y in enumerate(ys)]
 
   def _dense(self, layer, inputs: LayerInput, features) -> Towers:
@@ -218,19 +220,29 @@ class AlexNet(nn.Module):
     if not self.use_lrn:
       return xs
     return [lrn(x, k=self.lrn_k, n=self.lrn_n, alpha=self.lrn_alpha,
-                beta=self.lrn_beta, alpha_over_n=self.lrn_alpha_over_n)
-            for x in xs]
+                beta=self.lrn_beta, alpha_over_n=self.lrn_alpha_over_n,
+                grad=self.lrn_grad) for x in xs]
 
   def _pool(self, xs: Towers) -> Towers:
     """Overlapping max-pooling, 3x3 at stride 2 by default (§3.4)."""
-    return [max_pool(x, self.pool_window, self.pool_stride) for x in xs]
+    return [max_pool(x, self.pool_window, self.pool_stride,
+                     self.max_pool_grad) for x in xs]
 
-  def _dropout(self, layer, xs: Towers, rng, example_ids) -> Towers:
-    if self.dropout_rate <= 0:
+  def _dropout(self, layer, xs: Towers, train, rng, example_ids) -> Towers:
+    """Dropout (§4.2). 'paper': in training each unit is zeroed with
+    probability `dropout_rate`, at test time every output is multiplied by
+    1 - rate, the expectation of the mask; 'inverted': kept units are divided
+    by 1 - rate in training, nothing at test time."""
+    rate, paper = self.dropout_rate, self.dropout_scaling == 'paper'
+    if rate <= 0:
       return xs
-    return [x * dropout_mask(rng, layer, self._tower_index(t), example_ids,
-                             x.shape[1:], self.dropout_rate).astype(x.dtype)
-            for t, x in enumerate(xs)]
+    if not train:
+      return [x * jnp.asarray(1.0 - rate, x.dtype) for x in xs] if paper else xs
+    masks = [dropout_mask(rng, layer, self._tower_index(t), example_ids,
+                          x.shape[1:], rate) for t, x in enumerate(xs)]
+    if not paper:
+      masks = [m / jnp.float32(1.0 - rate) for m in masks]
+    return [x * m.astype(x.dtype) for x, m in zip(xs, masks)]
 
   def _flatten(self, xs: Towers, image_shape) -> Towers:
     if 0 in xs[0].shape:
@@ -274,6 +286,9 @@ class AlexNet(nn.Module):
     if self.num_towers % self.tower_axis_size:
       raise ValueError(f'The tower axis ({self.tower_axis_size} devices) must '
                        f'divide num_towers={self.num_towers}.')
+    if self.dropout_scaling not in DROPOUT_SCALINGS:
+      raise ValueError(f'model.dropout_scaling={self.dropout_scaling!r}: use '
+                       f'one of {DROPOUT_SCALINGS}.')
     if len(self.conv_features) < 3:
       raise ValueError('conv_features needs at least 3 layers, got '
                        f'{len(self.conv_features)}.')

@@ -75,12 +75,14 @@ def view_log_probs(apply, params, images):
 
 
 def top_k_correct(logits, labels, k):
-  """1.0 where the label is among the k highest logits."""
-  k = min(k, logits.shape[-1])
+  """1.0 where the label is within the top k, honest on ties: fewer than k
+  other classes score at least as high as the label (a class whose score is
+  not below the label's, NaN included, counts against it). A network whose
+  logits are all equal scores 0."""
   label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-  # Rank = how many classes score strictly higher than the label.
-  rank = (logits > label_logit).sum(axis=-1)
-  return (rank < k).astype(jnp.float32)
+  # The label itself is never below itself (and a NaN label is): minus 1.
+  at_least_as_high = (~(logits < label_logit)).sum(axis=-1) - 1
+  return (at_least_as_high < k).astype(jnp.float32)
 
 
 def make_train_step(model, tx, mesh, state):

@@ -69,3 +69,16 @@ def write_folder(root, classes, n=4):
       for i in range(n):
         Image.new('RGB', (40 + i, 30), (60 * k, 0, 0)).save(
             root / split / c / f'{i}.jpg')
+
+
+def write_photo_folder(root, classes, n=3, split='train', first=0):
+  """root/<split>/<class>/<i>.jpg, i in [first, first + n): photo-like
+  images (smooth_jpeg) of varied sizes, both orientations, so that a
+  per-pixel mean image varies from pixel to pixel."""
+  for k, c in enumerate(classes):
+    os.makedirs(root / split / c, exist_ok=True)
+    for i in range(first, first + n):
+      h, w = (50 + 7 * i, 70 + 5 * k) if (i + k) % 2 else (70 + 5 * k,
+                                                           50 + 7 * i)
+      (root / split / c / f'{i}.jpg').write_bytes(
+          smooth_jpeg(h, w, seed=100 * k + i))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from alexnet_jax.model import dropout_mask
+from alexnet_jax.model import AlexNet, dropout_mask
 
 
 def _conv(x, kernel, stride, padding, groups=1):
@@ -48,6 +48,14 @@ def _pool(x, window, stride):
 
 def reference_apply(model, params, images, *, train=False, dropout_rng=None):
   """Logits of `model` (an AlexNet, for its hyper-parameters) on one device."""
+  return reference_layers(model, params, images, train=train,
+                          dropout_rng=dropout_rng)[0]
+
+
+def reference_layers(model, params, images, *, train=False, dropout_rng=None):
+  """(logits, hidden): hidden holds fc6/fc7's pre-activations ('fc6_pre',
+  'fc7_pre') and outputs after the activation and dropout ('fc6', 'fc7'),
+  every tower's units concatenated in tower order."""
   assert tuple(model.exchange) == ('conv3', 'fc6', 'fc7'), model.exchange
   t = model.num_towers
   act = jax.nn.relu if model.activation == 'relu' else jnp.tanh
@@ -82,19 +90,28 @@ def reference_apply(model, params, images, *, train=False, dropout_rng=None):
   b, h, w, c = x.shape
   x = x.reshape(b, h, w, t, c // t).transpose(0, 3, 1, 2, 4).reshape(b, -1)
   ids = jnp.arange(b)
+  hidden = {}
   for layer in ('fc6', 'fc7'):
     p = params[layer]
-    x = act(jnp.dot(x, _stack_out(p['kernel']),
-                    precision=lax.Precision.HIGHEST) + p['bias'].reshape(-1))
-    if train and model.dropout_rate > 0:
+    pre = jnp.dot(x, _stack_out(p['kernel']),
+                  precision=lax.Precision.HIGHEST) + p['bias'].reshape(-1)
+    hidden[f'{layer}_pre'] = pre
+    x = act(pre)
+    rate = model.dropout_rate
+    if train and rate > 0:
       per = x.shape[1] // t
       mask = jnp.concatenate(
-          [dropout_mask(dropout_rng, layer, i, ids, (per,), model.dropout_rate)
+          [dropout_mask(dropout_rng, layer, i, ids, (per,), rate)
            for i in range(t)], axis=-1)
-      x = x * mask
+      x = x * (mask if model.dropout_scaling == 'paper' else
+               mask / (1 - rate))
+    elif rate > 0 and model.dropout_scaling == 'paper':
+      x = x * (1 - rate)
+    hidden[layer] = x
   w8 = params['fc8']['kernel']
-  return jnp.dot(x, w8.reshape(-1, w8.shape[-1]),
-                 precision=lax.Precision.HIGHEST) + params['fc8']['bias']
+  logits = jnp.dot(x, w8.reshape(-1, w8.shape[-1]),
+                   precision=lax.Precision.HIGHEST) + params['fc8']['bias']
+  return logits, hidden
 
 
 # ------------------------------------------------------- test helpers
@@ -134,3 +151,27 @@ def reference_train_in_float64(model, params, images, labels, rng):
     to64 = lambda x: jnp.asarray(x, jnp.float64)
     return jax.device_get(_reference_train_loss(
         model, jax.tree.map(to64, params), to64(images), labels, rng))
+
+
+# A small AlexNet whose every piece (two towers, LRN, overlapping pools,
+# dropout) is there, at a size the tests run in seconds.
+SMALL = dict(num_classes=10, width_multiplier=0.25, fc_features=64)
+
+
+def init_small(seed_rng, size=99, batch=8, **kw):
+  """(model, params, images, labels): a SMALL AlexNet with fields `kw`,
+  initialised from `seed_rng`, and a batch of random images and labels."""
+  # 99 pixels: 23x23 conv1 maps, 2x2 pool5 maps, so the fc6 flatten order
+  # matters. The paper's N(0, s) init with s=0.05 for this thin net: O(1)
+  # logits and no vanishing gradients, where float32 agrees with the float64
+  # reference to < 1e-6 (s=0.01 vanishes here; he init on 0-255 inputs
+  # saturates the softmax and drifts to ~5e-6).
+  kw = {'init_stddev': 0.05, **kw}
+  model = AlexNet(**{**SMALL, **kw})
+  key = jax.random.PRNGKey(int(seed_rng.integers(2**31)))
+  params = model.init(key, jnp.zeros((1, size, size, 3)))['params']
+  # Mean-subtracted 0-255 images, as the input pipeline makes them.
+  images = jnp.asarray(seed_rng.normal(0, 60, (batch, size, size, 3)),
+                       jnp.float32)
+  labels = jnp.asarray(seed_rng.integers(0, model.num_classes, batch))
+  return model, params, images, labels

@@ -44,12 +44,19 @@ def _softmax(x):
 
 
 def _hand_metrics(probs, labels):
-  """Top-1/top-5 error and loss by numpy sorting (distinct probabilities)."""
-  order = np.argsort(-probs, axis=-1)
+  """Top-1/top-5 error and loss by numpy sorting, independent of the rule's
+  implementation: each row sorted by descending score with the label placed
+  after every class tied with it (ties count against the network); top-k
+  correct when the label's position is < k."""
   k5 = min(5, probs.shape[-1])
-  return {'top1_error': float(np.mean(order[:, 0] != labels)),
-          'top5_error': float(np.mean(
-              [l not in o[:k5] for o, l in zip(order, labels)])),
+  positions = []
+  for row, label in zip(probs, labels):
+    is_label = np.arange(len(row)) == label
+    order = np.lexsort((is_label, -row))  # Last key first: -score, then label.
+    positions.append(int(np.flatnonzero(order == label)[0]))
+  positions = np.array(positions)
+  return {'top1_error': float(np.mean(positions >= 1)),
+          'top5_error': float(np.mean(positions >= k5)),
           'loss': float(np.mean(-np.log(probs[np.arange(len(labels)),
                                               labels])))}
 
@@ -116,6 +123,11 @@ def test_ensemble_of_identical_members_is_the_member(runs):
 
 
 def test_ensemble_of_two_members_is_the_average_of_their_softmax(runs):
+  """The ensemble's metrics are those of the members' averaged softmax
+  (§6), computed here in numpy from each member's predictions. The members
+  differ (steps 2 and 1), and so does the ensemble's loss from each
+  member's, so an ensemble that returned one member's predictions, or
+  averaged the log-probabilities (a geometric mean), fails."""
   a, b = runs
   results = evaluate.evaluate_runs([a, b], crops=('center',),
                                    mesh_shape=(1, 2), keep_predictions=True)
@@ -123,17 +135,25 @@ def test_ensemble_of_two_members_is_the_average_of_their_softmax(runs):
   (lp_a, labels), (lp_b, labels_b) = [p['center']
                                       for p in results['predictions']]
   np.testing.assert_array_equal(labels, labels_b)
-  assert not np.allclose(lp_a, lp_b)
-  average = (np.exp(lp_a.astype(np.float64)) +
-             np.exp(lp_b.astype(np.float64))) / 2
+  assert np.abs(lp_a - lp_b).max() > 1e-3
+  p_a, p_b = (np.exp(lp.astype(np.float64)) for lp in (lp_a, lp_b))
+  average = (p_a + p_b) / 2
   ours = results['ensemble']['center']
   hand = _hand_metrics(average, labels)
   assert ours['count'] == len(labels) == 24
   assert ours['top1_error'] == hand['top1_error']
   assert ours['top5_error'] == hand['top5_error']
   assert ours['loss'] == pytest.approx(hand['loss'], rel=1e-12)
-  assert results['members'][0]['center']['loss'] == pytest.approx(
-      _hand_metrics(np.exp(lp_a.astype(np.float64)), labels)['loss'])
+  members = [_hand_metrics(p, labels) for p in (p_a, p_b)]
+  for got, want in zip(results['members'], members):
+    for k in ('top1_error', 'top5_error'):
+      assert got['center'][k] == want[k]
+    assert got['center']['loss'] == pytest.approx(want['loss'], rel=1e-12)
+  # The average is not a member, nor the members' geometric mean: each
+  # loss differs from the ensemble's by far more than the tolerance above.
+  geometric = np.exp((lp_a.astype(np.float64) + lp_b) / 2)
+  for other in members + [_hand_metrics(geometric, labels)]:
+    assert abs(other['loss'] - hand['loss']) > 1e-6 * hand['loss']
 
 
 def test_command_line_end_to_end_writes_eval_results(runs, tmp_path):
@@ -221,23 +241,94 @@ def test_best_checkpoint_is_the_lowest_validation_error(runs):
 
 def test_top_k_rules_on_hand_made_scores():
   """The one ranking rule, in jnp (train/eval steps) and numpy (ensembles),
-  with more classes than k: a label counts as top-k when fewer than k
-  classes score strictly higher (ties go to the label)."""
+  with more classes than k: a label counts as top-k when fewer than k OTHER
+  classes score at least as high (ties count against the label)."""
   scores = np.array([
-      [0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 0: rank 0
-      [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05],  # label 6: rank 6
-      [0.2, 0.2, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0],  # label 4: rank 4
-      [0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0],  # label 4: rank 0 (tie)
-      [0.5, 0.2, 0.1, 0.1, 0.05, 0.04, 0.01, 0.0],  # label 5: rank 5
+      [0.9, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # label 0: alone on top
+      [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05],  # label 6: 6 above, 1 tie
+      [0.2, 0.2, 0.2, 0.2, 0.1, 0.1, 0.0, 0.0],  # label 4: 4 above, 1 tie
+      [0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0],  # label 4: 4 ties
+      [0.5, 0.2, 0.1, 0.1, 0.05, 0.04, 0.01, 0.0],  # label 5: 5 above
+      [0.1, 0.1, 0.3, 0.1, 0.1, 0.1, 0.1, 0.1],  # label 2: alone on top
+      [0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05],  # label 3: 2 above, 3 ties
   ], np.float32)
-  labels = np.array([0, 6, 4, 4, 5], np.int32)
+  labels = np.array([0, 6, 4, 4, 5, 2, 3], np.int32)
   top1 = train_step_lib.top_k_correct(jnp.asarray(scores), labels, 1)
   top5 = train_step_lib.top_k_correct(jnp.asarray(scores), labels, 5)
-  np.testing.assert_array_equal(top1, [1, 0, 0, 1, 0])
-  np.testing.assert_array_equal(top5, [1, 0, 1, 1, 0])
+  np.testing.assert_array_equal(top1, [1, 0, 0, 0, 0, 1, 0])
+  np.testing.assert_array_equal(top5, [1, 0, 0, 1, 0, 1, 0])
   m = evaluate.metrics(scores, labels)
-  assert m['top1_error'] == pytest.approx(3 / 5)
-  assert m['top5_error'] == pytest.approx(2 / 5)
-  assert m['count'] == 5
-  assert m["loss"] == pytest.approx(
-      -np.log(scores[np.arange(5), labels]).mean())
+  assert m['top1_error'] == pytest.approx(5 / 7)
+  assert m['top5_error'] == pytest.approx(4 / 7)
+  assert m['count'] == 7
+  assert m['loss'] == pytest.approx(
+      -np.log(scores[np.arange(7), labels]).mean())
+  hand = _hand_metrics(scores.astype(np.float64), labels)
+  assert (hand['top1_error'], hand['top5_error']) == (m['top1_error'],
+                                                      m['top5_error'])
+
+
+# (name, scores of 10 classes, label, top-1 correct, top-5 correct).
+TIES = [
+    ('label alone on top', [5, 1, 1, 1, 1, 1, 1, 1, 1, 1], 0, 1, 1),
+    ('tied with 1 other', [5, 5, 1, 1, 1, 1, 1, 1, 1, 1], 0, 0, 1),
+    ('tied with 1 other, label second', [5, 5, 1, 1, 1, 1, 1, 1, 1, 1], 1,
+     0, 1),
+    ('tied with 4 others', [5, 5, 5, 5, 5, 1, 1, 1, 1, 1], 2, 0, 1),
+    ('tied with 5 others', [5, 5, 5, 5, 5, 5, 1, 1, 1, 1], 2, 0, 0),
+    ('3 above, tied with 1', [9, 8, 7, 5, 5, 1, 1, 1, 1, 1], 4, 0, 1),
+    ('3 above, tied with 2', [9, 8, 7, 5, 5, 5, 1, 1, 1, 1], 4, 0, 0),
+    ('all equal', [3] * 10, 7, 0, 0),
+    ('NaN in another class', [5, np.nan, 1, 1, 1, 1, 1, 1, 1, 1], 0, 0, 1),
+    ('NaN in 5 others', [5] + [np.nan] * 5 + [1] * 4, 0, 0, 0),
+    ('NaN label', [5, np.nan, 1, 1, 1, 1, 1, 1, 1, 1], 1, 0, 0),
+    ('NaN label, others below', [np.nan] + [-np.inf] * 9, 0, 0, 0),
+    ('-inf elsewhere', [0] + [-np.inf] * 9, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_top_k_ties_and_nan_count_against_the_label(dtype):
+  """Hand-made ties and NaNs, the jnp rule (top_k_correct) and the numpy
+  one (evaluate.metrics) against the hand answers: a label tied with
+  another class is not top-1, tied with 5 others (or 5 NaNs) not top-5; a
+  NaN label never counts. Catches the old strict rule (ties to the label:
+  a constant network at 0% error), ties counted twice, NaN ignored, and
+  the two paths disagreeing."""
+  scores = np.array([t[1] for t in TIES], dtype)
+  labels = np.array([t[2] for t in TIES], np.int32)
+  want1 = np.array([t[3] for t in TIES], np.float32)
+  want5 = np.array([t[4] for t in TIES], np.float32)
+  names = [t[0] for t in TIES]
+  with jax.enable_x64(dtype == np.float64):
+    got1, got5 = (np.asarray(train_step_lib.top_k_correct(
+        jnp.asarray(scores), jnp.asarray(labels), k)) for k in (1, 5))
+  assert dict(zip(names, got1)) == dict(zip(names, want1))
+  assert dict(zip(names, got5)) == dict(zip(names, want5))
+  with np.errstate(invalid='ignore'):
+    m = evaluate.metrics(scores, labels)
+  assert m['top1_error'] == pytest.approx(1 - want1.mean())
+  assert m['top5_error'] == pytest.approx(1 - want5.mean())
+  # Row by row, the numpy rule agrees with the jnp one.
+  for i, name in enumerate(names):
+    with np.errstate(invalid='ignore', divide='ignore'):
+      one = evaluate.metrics(scores[i:i + 1], labels[i:i + 1])
+    assert (1 - one['top1_error'], 1 - one['top5_error']) == (
+        got1[i], got5[i]), name
+
+
+def test_constant_network_scores_100_percent_error():
+  """All logits equal (a dead or untrained network): every image wrong at
+  top-1 and top-5, in both paths and through eval_step's log-softmax."""
+  labels = jnp.array([0, 1, 999, 500])
+  logits = jnp.zeros((4, 1000))
+  np.testing.assert_array_equal(
+      train_step_lib.top_k_correct(logits, labels, 1), np.zeros(4))
+  np.testing.assert_array_equal(
+      train_step_lib.top_k_correct(logits, labels, 5), np.zeros(4))
+  log_probs = jax.nn.log_softmax(logits)
+  np.testing.assert_array_equal(
+      train_step_lib.top_k_correct(log_probs, labels, 5), np.zeros(4))
+  m = evaluate.metrics(np.full((4, 1000), 1e-3), np.asarray(labels))
+  assert m['top1_error'] == m['top5_error'] == 1.0
+  assert m['loss'] == pytest.approx(np.log(1000))

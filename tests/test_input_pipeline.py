@@ -8,7 +8,10 @@ import pytest
 import tensorflow as tf
 
 from alexnet_jax import input_pipeline as ip
-from tests.data_fixtures import demo_config, demo_dir, make_mesh, SPEC, write_folder  # pylint: disable=unused-import
+from alexnet_jax import data_stats
+from alexnet_jax import preprocess as pp
+from configs.alexnet import get_config
+from tests.data_fixtures import demo_config, demo_dir, make_mesh, SPEC, write_folder, write_photo_folder  # pylint: disable=unused-import
 
 
 def take(it, n):
@@ -156,6 +159,130 @@ def test_mean_image_is_used(demo_dir, tmp_path):
   o = (r - k) // 2  # The centre crop sees the mean image's central crop.
   np.testing.assert_allclose(with_mean, raw - mean[o:o + k, o:o + k],
                              atol=1e-4)
+
+
+# ------------------------------------------------- the training-set mean
+def recipe_on_folder(root, resize_size=24):
+  """get_config() (the paper's recipe, data.mean left at 'image') on a
+  folder dataset at `root`, small."""
+  c = get_config()
+  c.data.dataset, c.data.folder = 'folder', str(root)
+  c.data.resize_size, c.data.crop_size = resize_size, resize_size - 4
+  c.data.num_parallel_calls = 2
+  return c
+
+
+def numpy_mean_image(root, resize_size, antialias=True):
+  """The mean over root/train/*/*.jpg, each decoded and resized on its own."""
+  files = sorted((root / 'train').glob('*/*.jpg'))
+  images = [pp.decode_and_resize(tf.io.read_file(str(f)), resize_size,
+                                 antialias).numpy().astype(np.float64)
+            for f in files]
+  return np.mean(images, axis=0), len(files)
+
+
+class ComputeSpy:
+  """Counts data_stats.compute calls (and still computes)."""
+
+  def __init__(self, monkeypatch):
+    self.calls, self._compute = 0, data_stats.compute
+    monkeypatch.setattr(data_stats, 'compute', self)
+
+  def __call__(self, *args, **kwargs):
+    self.calls += 1
+    return self._compute(*args, **kwargs)
+
+
+def test_recipe_subtracts_the_training_sets_per_pixel_mean_image(
+    tmp_path, monkeypatch):
+  """get_config()'s data.mean is 'image' (the demo's 'channel'): load_mean
+  resolves to the (r, r, 3) per-pixel mean of the decoded and resized
+  training images (not the validation images, not the per-channel means),
+  computed once and cached in stats_dir; the eval pipeline subtracts it.
+  Catches the recipe falling back to the channel means, a mean over the
+  wrong split, or over pixels (a constant image)."""
+  assert get_config().data.mean == 'image'
+  assert get_config('demo').data.mean == 'channel'
+  write_photo_folder(tmp_path, ['cat', 'dog'], n=3)
+  write_photo_folder(tmp_path, ['cat', 'dog'], n=1, split='val')
+  c = recipe_on_folder(tmp_path)
+  spy = ComputeSpy(monkeypatch)
+  mean = ip.load_mean(c)
+  want, n = numpy_mean_image(tmp_path, 24)
+  assert mean.shape == (24, 24, 3) and mean.dtype == np.float32
+  np.testing.assert_allclose(mean, want, atol=1e-3)
+  assert want.std(axis=(0, 1)).min() > 5  # Varies from pixel to pixel.
+  assert spy.calls == 1
+  stats = ip.training_set_stats(c)
+  assert int(stats['num_images']) == n == 6
+  assert os.path.dirname(stats['path']) == ip.stats_dir(c)
+  np.testing.assert_array_equal(np.load(stats['path']), mean)
+  # The eval pipeline's centre crop is the image minus the mean's crop.
+  src = ip.get_source(c, 'eval', 0, 1)
+  got = next(ip.eval_dataset(c, src, 2).as_numpy_iterator())[0]
+  c.data.mean = 'channel'
+  c.data.channel_means = (0.0, 0.0, 0.0)
+  raw = next(ip.eval_dataset(c, src, 2).as_numpy_iterator())[0]
+  np.testing.assert_allclose(got, raw - mean[2:22, 2:22], atol=1e-3)
+  # 'channel': the three constants, nothing computed.
+  np.testing.assert_array_equal(ip.load_mean(c), np.zeros(3, np.float32))
+  assert spy.calls == 1
+
+
+def test_mean_image_cache_is_reused_and_rebuilt_when_its_key_changes(
+    tmp_path, monkeypatch):
+  """A second load_mean reads the cache (no computation, file untouched);
+  another resize filter or another number of training images recomputes it
+  (and the new mean is the new one). Catches a cache never read, or read
+  whatever the dataset and filter (a stale mean)."""
+  write_photo_folder(tmp_path, ['cat', 'dog'], n=2)
+  c = recipe_on_folder(tmp_path)
+  spy = ComputeSpy(monkeypatch)
+  first = ip.load_mean(c)
+  path = ip.training_set_stats(c)['path']
+  stamp = os.stat(path).st_mtime_ns
+  np.testing.assert_array_equal(ip.load_mean(c), first)
+  assert spy.calls == 1 and os.stat(path).st_mtime_ns == stamp
+
+  c.data.resize_antialias = False  # Another filter: another key.
+  plain = ip.load_mean(c)
+  assert spy.calls == 2
+  want, _ = numpy_mean_image(tmp_path, 24, antialias=False)
+  np.testing.assert_allclose(plain, want, atol=1e-3)
+  assert np.abs(plain - first).max() > 0.5  # The filters do differ here.
+
+  write_photo_folder(tmp_path, ['dog'], n=1, first=2)  # A 5th image.
+  ip.forget_training_set_stats()  # As the next run, in a new process.
+  grown = ip.load_mean(c)
+  assert spy.calls == 3
+  want, n = numpy_mean_image(tmp_path, 24, antialias=False)
+  assert n == 5 and int(ip.training_set_stats(c)['num_images']) == 5
+  np.testing.assert_allclose(grown, want, atol=1e-3)
+  np.testing.assert_array_equal(ip.load_mean(c), grown)
+  assert spy.calls == 3
+
+
+def test_missing_mean_image_cache_is_an_error_naming_prepare(tmp_path,
+                                                            monkeypatch):
+  """Without the cache, compute_if_missing=False (and a multi-process run,
+  by default) raises, naming the command that computes it; with the cache,
+  it is read."""
+  write_photo_folder(tmp_path, ['cat', 'dog'], n=1)
+  c = recipe_on_folder(tmp_path)
+  spy = ComputeSpy(monkeypatch)
+  with pytest.raises(FileNotFoundError, match='python -m alexnet_jax.prepare'):
+    ip.training_set_stats(c, compute_if_missing=False)
+  monkeypatch.setattr(ip.jax, 'process_count', lambda: 2)
+  with pytest.raises(FileNotFoundError, match='python -m alexnet_jax.prepare'):
+    ip.load_mean(c)
+  assert spy.calls == 0
+  stats = ip.training_set_stats(c, compute_if_missing=True)
+  assert spy.calls == 1
+  np.testing.assert_array_equal(ip.load_mean(c), stats['mean_image'])
+  np.testing.assert_array_equal(
+      ip.training_set_stats(c, compute_if_missing=False)['mean_image'],
+      stats['mean_image'])
+  assert spy.calls == 1
 
 
 def test_device_finish_equals_train_finish(demo_dir, tmp_path):

@@ -1,26 +1,25 @@
 """The network: exact parameter counts, shapes, and sharded == reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from alexnet_jax import mesh as mesh_lib
-from alexnet_jax.model import (AlexNet, conv1_padding, create_model,
-                               dropout_mask, lrn)
+from alexnet_jax.model import conv1_padding, create_model, dropout_mask, lrn
 from configs.alexnet import get_config
-from tests.reference import fresh_rng, lrn as reference_lrn, rel_err
+from tests.reference import fresh_rng, init_small, lrn as reference_lrn
+from tests.reference import rel_err
 from tests.reference import (reference_forward, reference_train_in_float64,
                              xent)
 
-# PAPER.md's layer table.
+# docs/PAPER.md's layer table.
 PAPER_PARAMS = {'conv1': 34_944, 'conv2': 307_456, 'conv3': 885_120,
                 'conv4': 663_936, 'conv5': 442_624, 'fc6': 37_752_832,
                 'fc7': 16_781_312, 'fc8': 4_097_000}
 
-# A small AlexNet whose every piece (two towers, LRN, overlapping pools,
-# dropout) is there, at a size the tests run in seconds.
-SMALL = dict(num_classes=10, width_multiplier=0.25, fc_features=64)
 MESHES = [(1, 1), (1, 2), (2, 2), (4, 2), (8, 1)]
 
 
@@ -81,35 +80,27 @@ def test_ablation_variants_build():
   assert alone['fc6']['kernel'].shape == (2, 4608, 2048)
 
 
-def init_small(seed_rng, size=99, batch=8, **kw):
-  # 99 pixels: 23x23 conv1 maps, 2x2 pool5 maps, so the fc6 flatten order
-  # matters. The paper's N(0, s) init with s=0.05 for this thin net: O(1)
-  # logits and no vanishing gradients, where float32 agrees with the float64
-  # reference to < 1e-6 (s=0.01 vanishes here; he init on 0-255 inputs
-  # saturates the softmax and drifts to ~5e-6).
-  kw = {'init_stddev': 0.05, **kw}
-  model = AlexNet(**{**SMALL, **kw})
-  key = jax.random.PRNGKey(int(seed_rng.integers(2**31)))
-  params = model.init(key, jnp.zeros((1, size, size, 3)))['params']
-  # Mean-subtracted 0-255 images, as the input pipeline makes them.
-  images = jnp.asarray(seed_rng.normal(0, 60, (batch, size, size, 3)),
-                       jnp.float32)
-  labels = jnp.asarray(seed_rng.integers(0, model.num_classes, batch))
-  return model, params, images, labels
+# Every mesh with the paper's dropout scaling (the default); with 'inverted',
+# one mesh with both a tower per device and the data axis.
+SCALED_MESHES = ([(shape, 'paper') for shape in MESHES] +
+                 [((2, 2), 'inverted')])
 
 
-@pytest.mark.parametrize('shape', MESHES, ids=str)
-def test_sharded_equals_reference(shape):
+@pytest.mark.parametrize('shape,dropout_scaling', SCALED_MESHES, ids=str)
+def test_sharded_equals_reference(shape, dropout_scaling):
   """Forward logits (with and without dropout) and gradients (with dropout)
   of the towers-on-a-mesh model equal the single-device grouped-convolution
-  network's, on fresh random inputs.
+  network's, on fresh random inputs, in either dropout scaling (catches the
+  model scaling in the wrong mode or phase: train by 1/(1-rate) in 'paper',
+  eval by 1-rate in 'inverted', or not at all).
 
   Logits: the float32 model against the float64 reference. Gradients: both
   in float64, since a max-pool's gradient jumps where two inputs of a window
   nearly tie, and float32 and float64 break such near-ties differently
   (about one test in ten meets one and differs by ~1e-3 in conv1's bias)."""
   seed, rng = fresh_rng()
-  model, params, images, labels = init_small(rng)
+  model, params, images, labels = init_small(
+      rng, dropout_scaling=dropout_scaling)
   mesh = mesh_lib.make_mesh(2, shape[1], shape[0])
   dropout_rng = jax.random.PRNGKey(seed)
 
@@ -197,13 +188,99 @@ def test_dropout_masks_rate_and_independence():
   m = dropout_mask(rng, 'fc6', 0, ids, (2048,), 0.5)
   dropped = float((m == 0).mean())
   assert abs(dropped - 0.5) < 0.005
-  assert set(np.unique(np.asarray(m))) == {0.0, 2.0}  # Kept units x 1/(1-p).
+  # A 0/1 keep-mask: the scaling is the model's (dropout_scaling), not the
+  # mask's (catches a mask still divided by 1 - rate: {0, 2}).
+  assert set(np.unique(np.asarray(m))) == {0.0, 1.0}
+  assert m.dtype == jnp.float32
   assert float((dropout_mask(rng, 'fc6', 0, ids, (2048,), 0.2) == 0).mean()
                ) == pytest.approx(0.2, abs=0.005)
   # Different per example, per tower, per layer.
   assert not np.array_equal(m[0], m[1])
   assert not np.array_equal(m, dropout_mask(rng, 'fc6', 1, ids, (2048,), 0.5))
   assert not np.array_equal(m, dropout_mask(rng, 'fc7', 0, ids, (2048,), 0.5))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames='train')
+def _fc_features(model, params, images, **kw):
+  _, state = model.apply({'params': params}, images, mutable=['intermediates'],
+                         **kw)
+  inter = state['intermediates']
+  return {l: jnp.concatenate(inter[f'{l}_features'][0], axis=-1)
+          for l in ('fc6', 'fc7')}
+
+
+def fc_features(model, params, images, **kw):
+  """The model's sown fc6 and fc7 features (every tower's units, in tower
+  order), as float64 numpy."""
+  return {k: np.asarray(v, np.float64)
+          for k, v in _fc_features(model, params, images, **kw).items()}
+
+
+@pytest.mark.parametrize('dropout_scaling', ['paper', 'inverted'])
+def test_dropout_train_features_average_to_the_eval_features(dropout_scaling):
+  """In either scaling the train-mode fc6 features, averaged over many
+  masks, are the eval-mode features: E[x * mask * c] = x (1 - rate) c, with
+  c = 1 (paper: eval x (1 - rate)) or 1 / (1 - rate) (inverted: eval x).
+
+  One image repeated N times, each copy its own example id and so its own
+  masks. Each unit's mean has standard error x c sqrt(rate (1 - rate) / N);
+  every unit must be within 5 of them. A rate of 0.3, not 0.5, so that rate
+  and 1 - rate differ. Catches a scaling missing, doubled, applied in the
+  wrong phase or by `rate` instead of `1 - rate` (each is off by >= 30% of
+  x, >= 10 standard errors at N = 512), and masks repeated across examples
+  (the mean would be one mask)."""
+  seed, rng = fresh_rng()
+  rate, n = 0.3, 512
+  # 67 pixels: the smallest input with a 1x1 pool5, to keep N images cheap;
+  # 128 fc units.
+  model, params, image, _ = init_small(rng, size=67, batch=1,
+                                       fc_features=512, dropout_rate=rate,
+                                       dropout_scaling=dropout_scaling)
+  images = jnp.broadcast_to(image, (n,) + image.shape[1:])
+  train = fc_features(model, params, images, train=True,
+                      dropout_rng=jax.random.PRNGKey(seed))['fc6']
+  want = fc_features(model, params, image)['fc6'][0]  # Eval mode.
+  # A unit's largest value over the N draws is x c (kept at least once).
+  xc = train.max(0)
+  live = xc > 0
+  assert live.sum() >= 16, seed  # Enough live units to test.
+  kept = (train[:, live] != 0).mean()
+  assert abs(kept - (1 - rate)) < 5 * np.sqrt(
+      rate * (1 - rate) / train[:, live].size), seed
+  stderr = xc[live] * np.sqrt(rate * (1 - rate) / n)
+  z = np.abs(train.mean(0)[live] - want[live]) / stderr
+  assert z.max() < 5, (seed, z.max())
+  np.testing.assert_array_equal(want[~live], 0)  # Dead in eval too.
+
+
+def test_dropout_scalings_differ_only_by_the_factor():
+  """With the same parameters and masks: paper-mode eval fc6 features are
+  (1 - rate) = 0.5 x the inverted ones, and paper-mode train features x 2
+  are the inverted ones (the same masks, only the scale moved from train to
+  test), up to float rounding; the logits differ. Catches a mode switch
+  ignored (all equal) or a mode whose masks depend on the scaling."""
+  seed, rng = fresh_rng()
+  paper, params, images, _ = init_small(rng, dropout_scaling='paper')
+  inverted = paper.clone(dropout_scaling='inverted')
+  assert paper.dropout_rate == 0.5
+  rng = jax.random.PRNGKey(seed)
+  p_eval, i_eval = (fc_features(m, params, images) for m in (paper, inverted))
+  p_train, i_train = (fc_features(m, params, images, train=True,
+                                  dropout_rng=rng) for m in (paper, inverted))
+  assert (i_eval['fc6'] > 0).sum() >= 4 and (p_train['fc6'] == 0).any()
+  np.testing.assert_array_equal(p_eval['fc6'], 0.5 * i_eval['fc6'])
+  np.testing.assert_array_equal(2 * p_train['fc6'], i_train['fc6'])
+  np.testing.assert_array_equal(p_train['fc6'] == 0, i_train['fc6'] == 0)
+  # fc7 reads the scaled fc6 (its bias is not scaled): the logits differ.
+  logits = [m.apply({'params': params}, images) for m in (paper, inverted)]
+  assert rel_err(logits[0], logits[1]) > 1e-3, seed
+
+
+def test_unknown_dropout_scaling_fails_clearly():
+  _, rng = fresh_rng()
+  model, params, images, _ = init_small(rng, batch=1)
+  with pytest.raises(ValueError, match="dropout_scaling='caffe'"):
+    model.clone(dropout_scaling='caffe').apply({'params': params}, images)
 
 
 def test_dropout_differs_across_data_shards_and_is_off_in_eval():

@@ -21,7 +21,7 @@ def test_sharded_steps_equal_reference_steps(shape):
   averaged over 'data', or counted twice over 'tower' (either doubles an
   update)."""
   seed, rng = fresh_rng()
-  # As in test_model.init_small: O(1) logits, healthy gradients.
+  # As in reference.init_small: O(1) logits, healthy gradients.
   model = AlexNet(num_classes=10, width_multiplier=0.25, fc_features=64,
                   init_stddev=0.05)
   cfg = get_config().optim
