@@ -23,7 +23,7 @@ import sys
 
 from alexnet_jax import startup
 
-startup.set_xla_flags()  # Before JAX starts (alexnet_jax/xla_cpu.py).
+startup.set_xla_flags()  # Before JAX starts, on a CPU (alexnet_jax/xla_cpu.py).
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -48,6 +48,7 @@ _CROPS = flags.DEFINE_list(
 _MESH = flags.DEFINE_string(
     'mesh', '', 'D,T: a (data, tower) mesh of D x T devices; default every '
     'device.')
+_START_DISTRIBUTED = startup.define_distributed_flags()
 
 
 def _first_workdir(argv):
@@ -65,9 +66,9 @@ def _template_config(argv):
   (configs/alexnet.py's defaults when there is none, e.g. for --help)."""
   workdir = _first_workdir(argv)
   try:
-    return run_dir.load_config(workdir, alexnet.get_config())
+    return run_dir.load_config(workdir, alexnet.saved_run_defaults())
   except (FileNotFoundError, TypeError):  # main() reports a bad workdir.
-    return alexnet.get_config()
+    return alexnet.saved_run_defaults()
 
 
 _CONFIG = config_flags.DEFINE_config_dict(
@@ -93,11 +94,13 @@ def main(argv):
     raise app.UsageError('Give --workdir=DIR (repeat it for an ensemble).')
   startup.quiet_libraries(verbose=logging.get_verbosity() >= 1)
   startup.hide_gpus_from_tensorflow()
+  _START_DISTRIBUTED()
+  startup.check_platform()
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
   results = evaluate.evaluate_runs(
       _WORKDIRS.value, checkpoint=_CHECKPOINT.value, crops=_CROPS.value,
       mesh_shape=_mesh_shape(_MESH.value), overrides=overrides,
-      defaults=alexnet.get_config())
+      defaults=alexnet.saved_run_defaults())
   path = evaluate.write_results(results, _WORKDIRS.value[0])
   if jax.process_index() == 0:
     logging.info('Wrote %s.', path)

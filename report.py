@@ -38,7 +38,7 @@ def main(argv):
   if _PREFACE.value:
     command += f' --preface_file={_PREFACE.value}'
   text, _ = report.build_report(_ROOT.value, _OUT.value, command, preface,
-                                defaults=alexnet.get_config())
+                                defaults=alexnet.saved_run_defaults())
   print(text)
 
 

@@ -22,7 +22,7 @@ import os
 
 from alexnet_jax import startup
 
-startup.set_xla_flags()  # Before JAX starts (alexnet_jax/xla_cpu.py).
+startup.set_xla_flags()  # Before JAX starts, on a CPU (alexnet_jax/xla_cpu.py).
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
@@ -53,6 +53,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   startup.quiet_libraries(verbose=logging.get_verbosity() >= 1)
   startup.hide_gpus_from_tensorflow()
+  startup.check_platform()
   overrides = config_flags.get_override_values(flags.FLAGS['config'])
   if overrides:
     logging.info('Overrides for every variant: %s', overrides)

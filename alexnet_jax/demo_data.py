@@ -267,14 +267,17 @@ class DemoImagenet2012(tfds.builder_cls('imagenet2012')):
     return splits
 
 
-def prepare_demo(data_dir, spec=None, **spec_kwargs):
+def prepare_demo(data_dir, spec=None, build=True, **spec_kwargs):
   """Generates (once) and builds the demo; returns the prepared tfds builder.
 
   The archives go to `<data_dir>/demo_manual/<spec.name>`, the tfds files to
-  `<data_dir>/demo_imagenet2012/<spec.name>/...`.
+  `<data_dir>/demo_imagenet2012/<spec.name>/...`. build=False: the builder,
+  prepared or not (nothing generated or built).
   """
   spec = spec or DemoSpec(**spec_kwargs)
   manual_dir = os.path.join(data_dir, 'demo_manual', spec.name)
+  if not build:
+    return DemoImagenet2012(spec=spec, data_dir=data_dir)
   if not os.path.exists(os.path.join(manual_dir, SPEC)):
     logging.info('Generating demo archives in %s', manual_dir)
     generate(manual_dir, spec)

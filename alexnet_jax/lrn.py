@@ -4,9 +4,10 @@
 
 over the channels of one tower, the window clipped at the tower's channel
 edges. The window sum is a matmul with a banded 0/1 matrix, which XLA runs as
-fast as any dot. The gradient is written by hand: two elementwise passes
-around one band matmul, where autodiff keeps and re-reads several
-intermediates (docs/BENCHMARKS.md has the figures).
+fast as any dot. On the CPU the gradient is written by hand: two elementwise
+passes around one band matmul, where autodiff keeps and re-reads several
+intermediates (docs/BENCHMARKS.md has the figures); elsewhere it is
+autodiff's (alexnet_jax/backends.py).
 """
 
 import functools
@@ -15,12 +16,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from alexnet_jax import backends
 
-def lrn(x, *, k, n, alpha, beta, alpha_over_n=False):
+
+def lrn(x, *, k, n, alpha, beta, alpha_over_n=False, grad='auto'):
   """LRN of x (..., C) across its last axis; alpha / n if `alpha_over_n`
-  (cuda-convnet2's and Caffe's convention; the paper's formula has alpha)."""
+  (cuda-convnet2's and Caffe's convention; the paper's formula has alpha).
+  The gradient is the hand-written one or autodiff's
+  (backends.custom_gradient(grad))."""
   scale = alpha / n if alpha_over_n else alpha
-  return _lrn(x, float(k), int(n), float(scale), float(beta))
+  args = (x, float(k), int(n), float(scale), float(beta))
+  if backends.custom_gradient(grad, 'model.lrn_grad'):
+    return _lrn(*args)
+  return _lrn_value(*args)
+
+
+def _lrn_value(x, k, n, scale, beta):
+  return x * _pow_minus(_denominator(x, k, n, scale), beta)
 
 
 def _band(x, n):
@@ -42,7 +54,7 @@ def _pow_minus(d, beta):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def _lrn(x, k, n, scale, beta):
-  return x * _pow_minus(_denominator(x, k, n, scale), beta)
+  return _lrn_value(x, k, n, scale, beta)
 
 
 def _lrn_fwd(x, k, n, scale, beta):

@@ -1,12 +1,13 @@
-"""Max pooling whose gradient is cheap on XLA:CPU.
+"""Max pooling with a gradient that is cheap on XLA:CPU.
 
 XLA's gradient of a max-pool (select-and-scatter) is slow on the CPU
-(docs/BENCHMARKS.md has the figures); this one is not: for each of the
-window's w*w taps, the
-pooled gradient goes to the input that tap saw wherever that input is the
-window's maximum and no earlier tap was, i.e. to the first maximum in
-row-major order, exactly as select-and-scatter does. The taps' gradients
-are summed per stride phase at the pooled size and interleaved once.
+(docs/BENCHMARKS.md has the figures); the hand-written one is not: for each
+of the window's w*w taps, the pooled gradient goes to the input that tap saw
+wherever that input is the window's maximum and no earlier tap was, i.e. to
+the first maximum in row-major order, exactly as select-and-scatter does.
+The taps' gradients are summed per stride phase at the pooled size and
+interleaved once. On GPU and TPU XLA's own is used (alexnet_jax/
+backends.py).
 """
 
 import functools
@@ -15,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from alexnet_jax import backends
+
 
 def xla_max_pool(x, window, stride):
   """The same pooling, differentiated by XLA (select-and-scatter)."""
@@ -22,9 +25,16 @@ def xla_max_pool(x, window, stride):
                            (1, stride, stride, 1), 'VALID')
 
 
+def max_pool(x, window: int, stride: int, grad: str = 'auto'):
+  """window x window max-pooling at `stride`, no padding (NHWC); its
+  gradient hand-written or XLA's (backends.custom_gradient(grad))."""
+  if backends.custom_gradient(grad, 'model.max_pool_grad'):
+    return _max_pool(x, window, stride)
+  return xla_max_pool(x, window, stride)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def max_pool(x, window: int, stride: int):
-  """window x window max-pooling at `stride`, no padding (NHWC)."""
+def _max_pool(x, window: int, stride: int):
   return xla_max_pool(x, window, stride)
 
 
@@ -70,4 +80,4 @@ def _max_pool_bwd(window, stride, residuals, dy):
                              (0, w - gw * stride, 0), (0, 0, 0))),)
 
 
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

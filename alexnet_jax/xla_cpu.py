@@ -40,9 +40,8 @@ def set_flags(sequential_scheduler=True, xnn_convolutions=True):
   os.environ['XLA_FLAGS'] = flags
 
 
-def xnn_convolutions():
-  """Whether XLA_FLAGS asks for XNNPACK convolutions as set_flags() does
-  (read by alexnet_jax.conv, whose fastest weight gradient depends on it)."""
+def flags_set() -> bool:
+  """Whether XLA_FLAGS holds every option set_flags() sets by default."""
   flags = os.environ.get('XLA_FLAGS', '').split()
   return all(f'--{option}={value}' in flags
-             for option, value in XNN_CONVOLUTIONS.items())
+             for option, value in {**SCHEDULER, **XNN_CONVOLUTIONS}.items())

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alexnet_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from alexnet_jax import startup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def op_times(trace_dir, steps):
@@ -56,7 +56,7 @@ def main():
                       help="XLA:CPU's default convolution library, whose "
                       'convolutions show in the trace')
   args = parser.parse_args()
-  xla_cpu.set_flags(xnn_convolutions=not args.ynn_convolutions)
+  startup.set_xla_flags(xnn_convolutions=not args.ynn_convolutions)
   from train_step import full_step, mesh_shape  # benchmarks/train_step.py
   d, t = mesh_shape(args.mesh)
   import jax

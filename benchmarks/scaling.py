@@ -24,7 +24,7 @@ NVLINK_BYTES_PER_S = 450e9
 # DGX H100: one ConnectX-7 400 Gb/s InfiniBand NDR port per GPU = 50 GB/s.
 NETWORK_BYTES_PER_S = 50e9
 GPUS_PER_NODE = 8
-# A train step costs ~3x the forward pass: 3 x 1.45 GFLOP per image (PAPER.md).
+# A train step costs ~3x the forward pass: 3 x 1.45 GFLOP per image (docs/PAPER.md).
 FLOP_PER_IMAGE = 4.35e9
 MFU = 0.5  # Assumed achieved fraction of peak for a small convnet.
 

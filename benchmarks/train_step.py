@@ -14,9 +14,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from alexnet_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+from alexnet_jax import startup  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-# A training step costs ~3x the forward pass: 3 x 1.45 GFLOP (PAPER.md).
+# A training step costs ~3x the forward pass: 3 x 1.45 GFLOP (docs/PAPER.md).
 FLOP_PER_IMAGE = 4.35e9
 
 
@@ -53,7 +53,8 @@ def mesh_shape(arg):
   return d, t
 
 
-def full_step(batch_size, d, t, dtype='float32', conv_kernel_grad='auto'):
+def full_step(batch_size, d, t, dtype='float32', max_pool_grad='auto',
+              lrn_grad='auto'):
   """(train step, state, random batch) of the full network (configs/alexnet.py)
   on a (data=d, tower=t) mesh."""
   import jax
@@ -64,7 +65,8 @@ def full_step(batch_size, d, t, dtype='float32', conv_kernel_grad='auto'):
   from configs.alexnet import get_config
   config = get_config()
   config.model.dtype = dtype
-  config.model.conv_kernel_grad = conv_kernel_grad
+  config.model.max_pool_grad = max_pool_grad
+  config.model.lrn_grad = lrn_grad
   size = config.data.crop_size
   model = create_model(config.model)
   mesh = mesh_lib.make_mesh(model.num_towers, t, d)
@@ -114,11 +116,12 @@ def main():
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--grouped_conv', action='store_true')
   parser.add_argument('--dtype', default='float32')
-  parser.add_argument('--conv_kernel_grad', default='auto',
-                      choices=('auto', 'taps', 'xla'))
-  parser.add_argument('--xla_max_pool_grad', action='store_true',
-                      help="XLA's select-and-scatter gradient instead of "
-                      'alexnet_jax.pool\'s')
+  parser.add_argument('--max_pool_grad', default='auto',
+                      choices=('auto', 'custom', 'xla'),
+                      help='model.max_pool_grad (alexnet_jax/backends.py)')
+  parser.add_argument('--lrn_grad', default='auto',
+                      choices=('auto', 'custom', 'xla'),
+                      help='model.lrn_grad (alexnet_jax/backends.py)')
   parser.add_argument('--matmul_size', type=int, default=4096)
   parser.add_argument('--concurrent_scheduler', action='store_true',
                       help="XLA:CPU's default concurrency-optimised scheduler "
@@ -127,8 +130,8 @@ def main():
                       help="XLA:CPU's default convolution library (YNNPACK) "
                       'instead of the one launch.py uses (XNNPACK)')
   args = parser.parse_args()
-  xla_cpu.set_flags(sequential_scheduler=not args.concurrent_scheduler,
-                    xnn_convolutions=not args.ynn_convolutions)
+  startup.set_xla_flags(sequential_scheduler=not args.concurrent_scheduler,
+                        xnn_convolutions=not args.ynn_convolutions)
   d, t = mesh_shape(args.mesh)
   import jax
   import numpy as np
@@ -142,12 +145,8 @@ def main():
             f'{s * 1e3:.1f} ms')
     return
 
-  if args.xla_max_pool_grad:
-    from alexnet_jax import model as model_lib
-    from alexnet_jax import pool
-    model_lib.max_pool = pool.xla_max_pool
   step, state, batch = full_step(args.batch, d, t, args.dtype,
-                                 args.conv_kernel_grad)
+                                 args.max_pool_grad, args.lrn_grad)
   mm, a, mm_flops = matmul(args.matmul_size, args.dtype)
   state, m = step(state, batch)  # Compile and warm up.
   jax.block_until_ready(m)
@@ -170,14 +169,15 @@ def main():
   n = args.matmul_size
   # Process CPU time measures the work only where the CPU does it.
   on_cpu = dev.platform == 'cpu'
-  from alexnet_jax import conv
-  print(f'mesh (data={d}, tower={t}), batch {args.batch}, {args.dtype}, conv '
-        f'kernel grad {args.conv_kernel_grad} '
-        f'({conv.resolve(args.conv_kernel_grad)}), '
+  from alexnet_jax import backends
+  grads = {name: ('custom' if backends.custom_gradient(choice, name) else
+                  'xla') for name, choice in (('max-pool', args.max_pool_grad),
+                                              ('LRN', args.lrn_grad))}
+  print(f'mesh (data={d}, tower={t}), batch {args.batch}, {args.dtype}, '
         + (f'{"concurrent" if args.concurrent_scheduler else "sequential"} '
            f'scheduler, {"YNN" if args.ynn_convolutions else "XNN"}PACK '
            'convolutions, ' if on_cpu else '') +
-        f'{"XLA" if args.xla_max_pool_grad else "tap"} max-pool gradient: '
+        ', '.join(f'{v} {k} gradient' for k, v in grads.items()) + ': '
         f'{step_s * 1e3:.1f} ms/step '
         f'(median of {args.steps}), {args.batch / step_s:.1f} images/s, '
         f'{flops / step_s / 1e9:.1f} GFLOP/s' +

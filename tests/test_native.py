@@ -1,10 +1,16 @@
 """The compiled bilinear resample (alexnet_jax/native.py, resample.cc): its
 output against numpy, against TensorFlow's crop_and_resize path, and its
-build: cached, built once by concurrent processes, clear errors."""
+build: cached, built once by concurrent processes, clear errors, and the
+cache's safety rules (only you or root can change what is loaded)."""
+import contextlib
+import grp
+import logging
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -124,11 +130,28 @@ def test_training_pipeline_uses_the_configured_resample():
   builds: the op in its graph with 'auto' (a compiler is here), not with
   'tf' (crop_and_resize instead)."""
   config = alexnet.get_config()
+  config.data.mean = 'channel'  # No dataset here to take a mean image of.
   ops = _op_types(ip.train_example_fn(config))
   assert 'AlexnetBilinearResample' in ops
   config.data.resample = 'tf'
   ops = _op_types(ip.train_example_fn(config))
   assert 'AlexnetBilinearResample' not in ops and 'CropAndResize' in ops
+
+
+def test_prepared_copies_never_need_the_op(monkeypatch):
+  """A prepared copy's crops are whole-pixel slices: neither the start-up
+  check nor the augmentation asks for the op, so it is never built."""
+  config = alexnet.get_config()
+  config.data.mean = 'channel'
+  config.data.prepared_dir = '/nowhere'
+  asked = []
+  real = native.resample_op
+  monkeypatch.setattr(native, 'resample_op',
+                      lambda choice: asked.append(choice) or real(choice))
+  assert ip.train_resample(config) == 'tf'
+  ops = _op_types(ip.train_example_fn(config))
+  assert 'AlexnetBilinearResample' not in ops
+  assert set(asked) == {'tf'}
 
 
 def test_unknown_choice_is_refused():
@@ -183,5 +206,209 @@ def test_concurrent_builds_compile_once(tmp_path):
   assert len(paths) == 1
   path = paths.pop()
   assert open(path).read() == 'library\n'
+  assert os.stat(path).st_mode & 0o777 == 0o644  # Not mkstemp's 0600.
   assert native.build(cache, str(compiler)) == path  # From the cache.
   assert calls.read_text() == 'x\n'  # One compile in all.
+
+
+def _fake_compiler(path):
+  """A "compiler" writing `library` as its output: builds cost nothing."""
+  path.write_text('#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\n'
+                  'echo library > "$2"\n')
+  path.chmod(0o755)
+  return str(path)
+
+
+@pytest.fixture(scope='module')
+def built_library():
+  """The test session's library (tests/conftest.py's cache directory):
+  built by the first test needing it, then found in the cache."""
+  return native.build()
+
+
+NO_CXX = 'no-such-compiler'  # Finding the library must not need a compiler.
+is_root = pytest.mark.skipif(os.geteuid() != 0,
+                             reason='needs root: chown, another user')
+
+
+@needs_compiler
+def test_built_library_is_readable_by_all(built_library):
+  assert built_library == native.library_path()
+  assert os.stat(built_library).st_mode & 0o777 == 0o644
+
+
+def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
+  """$ALEXNET_JAX_CACHE_DIR, else $XDG_CACHE_HOME/alexnet_jax (if absolute),
+  else ~/.cache/alexnet_jax; made 0755 where missing."""
+  home = os.path.join(os.path.expanduser('~'), '.cache', 'alexnet_jax')
+  monkeypatch.delenv('ALEXNET_JAX_CACHE_DIR')
+  monkeypatch.delenv('XDG_CACHE_HOME', raising=False)
+  assert native.cache_dir() == home
+  monkeypatch.setenv('XDG_CACHE_HOME', 'relative/cache')  # Ignored (spec).
+  assert native.cache_dir() == home
+  xdg = tmp_path / 'xdg' / 'cache'
+  monkeypatch.setenv('XDG_CACHE_HOME', str(xdg))
+  assert native.cache_dir() == str(xdg / 'alexnet_jax')
+  old = os.umask(0o002)  # Made 0755 all the same (else the check refuses).
+  try:
+    path = native.build(cxx=_fake_compiler(tmp_path / 'c++'))
+  finally:
+    os.umask(old)
+  assert os.path.dirname(path) == os.path.realpath(xdg / 'alexnet_jax')
+  for d in (xdg.parent, xdg, xdg / 'alexnet_jax'):
+    assert d.stat().st_mode & 0o777 == 0o755
+  monkeypatch.setenv('ALEXNET_JAX_CACHE_DIR', str(tmp_path / 'mine'))
+  assert native.cache_dir() == str(tmp_path / 'mine')
+
+
+def _refused(directory, *words):
+  with pytest.raises(native.BuildError) as e:
+    native.build(str(directory), NO_CXX)
+  for w in words:
+    assert w in str(e.value)
+  return str(e.value)
+
+
+def test_unsafe_cache_directories_are_refused(tmp_path):
+  """A directory (or one above it, or the library) that others can write is
+  never built into or loaded from; the error names it and the fix."""
+  cache = tmp_path / 'cache'
+  cache.mkdir()
+  real = os.path.realpath(cache)
+  fix = f'chmod go-w {real}, or point $ALEXNET_JAX_CACHE_DIR'
+  for mode in (0o777, 0o757, 0o1777):  # Sticky does not make it safe.
+    cache.chmod(mode)
+    _refused(cache, f'unsafe cache directory {real}: it is writable by ',
+             f'other users (mode {mode:04o})', fix)
+  cache.chmod(0o755)
+  _refused(cache, 'no C++ compiler')  # Safe: it would build.
+  # A directory above it: others could rename it and put theirs in its place.
+  parent = tmp_path / 'shared'
+  (parent / 'cache').mkdir(parents=True)
+  parent.chmod(0o777)
+  _refused(parent / 'cache', f'{os.path.realpath(parent)}, above it, is '
+           'writable by other users (mode 0777)', 'chmod +t')
+  parent.chmod(0o1777)  # Sticky, as /tmp: only owners rename their entries.
+  _refused(parent / 'cache', 'no C++ compiler')
+  # The library: refused, not loaded.
+  path = native.library_path(str(cache), NO_CXX)
+  with open(path, 'w') as f:
+    f.write('not a library')
+  os.chmod(path, 0o646)
+  _refused(cache, f'unsafe cached library {path}: it is writable by other '
+           'users (mode 0646)', f'chmod go-w {path}')
+  assert sorted(os.listdir(cache)) == [os.path.basename(path)]  # No writes.
+
+
+@is_root
+def test_other_users_caches_are_refused(tmp_path):
+  """Only you and root are trusted: not another user's directory or library
+  (even one only they can write), nor a group with other members."""
+  cache = tmp_path / 'cache'
+  cache.mkdir(mode=0o755)
+  os.chown(cache, 65534, -1)
+  _refused(cache, 'it is owned by ', 'uid 65534), not by you or root',
+           'ALEXNET_JAX_CACHE_DIR=/opt/alexnet_jax')
+  os.chown(cache, 0, 65534)
+  cache.chmod(0o775)
+  _refused(cache, 'it is writable by its group ', '(mode 0775)')
+  os.chown(cache, 0, 0)
+  if not grp.getgrgid(0).gr_mem:  # root's private group: only root writes.
+    _refused(cache, 'no C++ compiler')
+  cache.chmod(0o755)
+  path = native.library_path(str(cache), NO_CXX)
+  with open(path, 'w') as f:
+    f.write('not a library')
+  os.chmod(path, 0o644)
+  os.chown(path, 65534, 65534)
+  _refused(cache, f'unsafe cached library {path}: it is owned by ',
+           f'Fix: remove {path}')
+
+
+@needs_compiler
+def test_cached_library_is_loaded_without_writing(built_library, tmp_path):
+  """A 0644 library in a 0755 directory (yours or root's) is loaded as it
+  is: no compiler, no lock file, nothing written."""
+  cache = tmp_path / 'cache'
+  cache.mkdir(mode=0o755)
+  path = native.library_path(str(cache), NO_CXX)
+  shutil.copy(built_library, path)
+  os.chmod(path, 0o644)
+  before = {n: os.stat(cache / n) for n in os.listdir(cache)}
+  assert native.build(str(cache), NO_CXX) == path
+  assert {n: os.stat(cache / n) for n in os.listdir(cache)} == before
+  # Readable as a library (loading a second copy in this process would
+  # register its kernel twice).
+  assert open(path, 'rb').read(4) == b'\x7fELF'
+
+
+@contextlib.contextmanager
+def _as_user(uid):
+  """This process as user `uid` (root can switch back: saved ids stay 0)."""
+  os.setresgid(uid, uid, 0)
+  os.setresuid(uid, uid, 0)
+  try:
+    yield
+  finally:
+    os.setresuid(0, 0, 0)
+    os.setresgid(0, 0, 0)
+
+
+@is_root
+@needs_compiler
+def test_another_user_loads_a_root_built_cache(built_library):
+  """A second user loads root's library from root's 0755 directory (where
+  they can write nothing), is told how to share when it lacks theirs, and
+  builds in their own directory past a lock file root left there."""
+  shared = tempfile.mkdtemp()  # Under /tmp: reachable by the other user.
+  try:
+    os.chmod(shared, 0o755)
+    path = native.library_path(shared, NO_CXX)
+    shutil.copy(built_library, path)
+    os.chmod(path, 0o644)
+    compiler = _fake_compiler(pathlib.Path(shared, 'c++'))
+    with _as_user(65534):
+      assert native.build(shared, NO_CXX) == path
+      assert open(path, 'rb').read(4) == b'\x7fELF'  # Readable.
+      with pytest.raises(native.BuildError) as e:  # Not cached for this one.
+        native.build(shared, compiler)
+    assert 'has no resample_' in str(e.value)
+    assert 'you cannot write there' in str(e.value)
+    assert 'ALEXNET_JAX_CACHE_DIR=/opt/alexnet_jax' in str(e.value)
+    assert sorted(os.listdir(shared)) == sorted([os.path.basename(path),
+                                                 'c++'])
+    mine = os.path.join(shared, 'mine')
+    os.mkdir(mine, 0o755)
+    os.chown(mine, 65534, 65534)
+    lock = native.library_path(mine, compiler) + '.lock'
+    open(lock, 'w').close()  # root's, 0644: read-only to the other user.
+    with _as_user(65534):
+      built = native.build(mine, compiler)
+    assert os.stat(built).st_uid == 65534
+    assert os.stat(built).st_mode & 0o777 == 0o644
+  finally:
+    shutil.rmtree(shared)
+
+
+def test_unsafe_cache_falls_back_saying_why(monkeypatch, tmp_path, caplog):
+  """'auto' warns with the real reason and its fix (not "install a
+  compiler"); 'native' stops with them."""
+  cache = tmp_path / 'cache'
+  cache.mkdir()
+  cache.chmod(0o777)
+  monkeypatch.setenv('ALEXNET_JAX_CACHE_DIR', str(cache))
+  native.reset()
+  try:
+    with caplog.at_level(logging.WARNING):
+      assert native.resample_op('auto') is None
+    warning = caplog.text
+    assert 'writable by ' in warning and '(mode 0777)' in warning
+    assert f'chmod go-w {os.path.realpath(cache)}' in warning
+    assert 'crop_and_resize' in warning and 'compiler' not in warning
+    with pytest.raises(native.BuildError) as e:
+      native.resample_op('native')
+    assert 'chmod go-w' in str(e.value)
+    assert 'compiler' not in str(e.value)
+    assert '--config.data.resample=tf' in str(e.value)
+  finally:
+    native.reset()

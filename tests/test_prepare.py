@@ -1,4 +1,10 @@
-"""The pre-resized copy (alexnet_jax/prepare.py) and reading it."""
+"""The one-time data work (alexnet_jax/prepare.py): the command, the
+pre-resized copy and reading it."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -6,6 +12,7 @@ import tensorflow as tf
 from alexnet_jax import input_pipeline as ip
 from alexnet_jax import prepare
 from alexnet_jax import preprocess as pp
+from tests import train_helpers as th
 from tests.data_fixtures import demo_config, demo_dir, make_mesh, SPEC  # pylint: disable=unused-import
 
 
@@ -79,3 +86,43 @@ def test_wrong_size_or_missing(demo_dir, prepared, tmp_path):
   c.data.prepared_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match='alexnet_jax.prepare'):
     ip.get_source(c, 'train', 0, 1)
+
+
+def test_prepare_command_does_the_one_time_work(tmp_path):
+  """python -m alexnet_jax.prepare: builds the dataset, writes the copy,
+  caches the mean image next to it, prints the training command."""
+  data, copy = str(tmp_path / 'tfds'), str(tmp_path / 'copy')
+  flags = [f'--config.data.data_dir={data}', '--config.data.mean=image',
+           '--config.data.demo_num_classes=3', '--config.model.num_classes=3',
+           '--config.data.demo_train_per_class=4',
+           '--config.data.demo_val_per_class=2']
+  proc = subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.prepare',
+       '--config=configs/alexnet.py:demo', f'--copy_dir={copy}'] + flags,
+      cwd=th.REPO, env=th.subprocess_env(1), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert ('python launch.py --config=configs/alexnet.py:demo ' +
+          ' '.join(flags) + f' --config.data.prepared_dir={copy} '
+          '--workdir=<WORKDIR>') in proc.stdout
+  c = demo_config(data)
+  c.data.update(demo_num_classes=3, demo_train_per_class=4,
+                demo_val_per_class=2, resize_size=72, mean='image')
+  built = ip.get_source(c, 'train', 0, 1).total_examples  # Built: no error.
+  c.data.prepared_dir = copy
+  with open(os.path.join(copy, ip.PREPARED_META)) as f:
+    skipped = json.load(f)['skipped']['train']
+  assert ip.get_source(c, 'train', 0, 1).total_examples == built - skipped
+  assert os.path.exists(os.path.join(copy, 'stats', 'mean_image_72.npy'))
+  stats = ip.training_set_stats(c, compute_if_missing=False)  # Cached.
+  assert stats['mean_image'].shape == (72, 72, 3)
+
+
+def test_several_processes_never_build_a_dataset(monkeypatch, tmp_path):
+  """A dataset (or mean image) missing in a multi-process run stops every
+  process at start, naming the command; nothing is generated."""
+  monkeypatch.setattr(ip.jax, 'process_count', lambda: 2)
+  c = demo_config(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='python -m alexnet_jax.prepare'):
+    ip.get_source(c, 'train', 0, 2)
+  assert not any(tmp_path.iterdir())

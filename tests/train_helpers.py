@@ -1,10 +1,12 @@
 """Helpers for the training tests: a tiny config, generated data, subprocesses.
 
 Also a script: `python tests/train_helpers.py WORKDIR OVERRIDES_JSON
-[--sleep S] [--emulate_processes N]` runs `train_and_evaluate` on the tiny
-config (each batch delayed S seconds, so a test can kill it mid-run; with N,
-each global batch is the concatenation of what N processes would read, so
-one process reproduces an N-process run).
+[--sleep S] [--emulate_processes N] [--distributed] [--heartbeat S]` runs
+`train_and_evaluate` on the tiny config (each batch delayed S seconds, so a
+test can kill it mid-run; with N, each global batch is the concatenation of
+what N processes would read, so one process reproduces an N-process run;
+with --distributed, jax.distributed starts as launch.py starts it, from the
+cluster environment the test gives the process).
 """
 
 import json
@@ -121,12 +123,17 @@ def subprocess_env(num_devices=8):
 
 
 def start(workdir, overrides, sleep=0.0, emulate_processes=0,
-          num_devices=2) -> subprocess.Popen:
-  """Runs this file as a script in a subprocess (see the module docstring)."""
+          num_devices=2, cluster_env=None, heartbeat=100) -> subprocess.Popen:
+  """Runs this file as a script in a subprocess (see the module docstring);
+  with `cluster_env` (e.g. a SLURM job step's variables), one process of a
+  distributed run."""
   cmd = [sys.executable, os.path.abspath(__file__), workdir,
          json.dumps(overrides), f'--sleep={sleep}',
          f'--emulate_processes={emulate_processes}']
-  return subprocess.Popen(cmd, env=subprocess_env(num_devices), cwd=REPO,
+  if cluster_env:
+    cmd += ['--distributed', f'--heartbeat={heartbeat}']
+  return subprocess.Popen(cmd, env={**subprocess_env(num_devices),
+                                    **(cluster_env or {})}, cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
 
@@ -173,7 +180,13 @@ def _main(argv):
   parser.add_argument('overrides')
   parser.add_argument('--sleep', type=float, default=0.0)
   parser.add_argument('--emulate_processes', type=int, default=0)
+  parser.add_argument('--distributed', action='store_true')
+  parser.add_argument('--heartbeat', type=int, default=100)
   args = parser.parse_args(argv)
+  if args.distributed:
+    from alexnet_jax import startup  # pylint: disable=g-import-not-at-top
+    startup.initialize_distributed(
+        'on', heartbeat_timeout_seconds=args.heartbeat)
   from absl import logging  # pylint: disable=g-import-not-at-top
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from alexnet_jax import train  # pylint: disable=g-import-not-at-top

@@ -1,0 +1,80 @@
+"""Per-backend choices (speed paths, XLA:CPU options, the accelerator
+check), the synthetic loop and the profiler trace."""
+
+import glob
+import os
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import pytest
+
+from alexnet_jax import backends
+from alexnet_jax import lrn as lrn_lib
+from alexnet_jax import pool
+from alexnet_jax import startup
+from alexnet_jax import train
+from alexnet_jax import xla_cpu
+from tests import train_helpers as th
+
+
+def _custom_vjps(fn, *args):
+  return str(jax.make_jaxpr(fn)(*args)).count('custom_vjp_call')
+
+
+@pytest.mark.parametrize('backend,custom', [('cpu', True), ('gpu', False),
+                                            ('tpu', False)])
+def test_auto_is_the_hand_written_gradient_on_the_cpu_only(monkeypatch,
+                                                           backend, custom):
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  assert backends.custom_gradient('auto', 'x') is custom
+  assert backends.custom_gradient('custom', 'x')
+  assert not backends.custom_gradient('xla', 'x')
+  x = jnp.ones((1, 7, 7, 8))
+  assert _custom_vjps(lambda x: pool.max_pool(x, 3, 2), x) == int(custom)
+  assert _custom_vjps(lambda x: lrn_lib.lrn(x, k=2, n=5, alpha=1e-4,
+                                            beta=0.75), x) == int(custom)
+  with pytest.raises(ValueError, match="model.max_pool_grad='fast'"):
+    pool.max_pool(x, 3, 2, 'fast')
+
+
+def test_xla_cpu_options_only_for_a_cpu_run(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setattr(startup, 'expected_platform', lambda: 'accelerator')
+  assert not startup.set_xla_flags()
+  assert os.environ['XLA_FLAGS'] == ''
+  monkeypatch.setattr(startup, 'expected_platform', lambda: 'cpu')
+  assert startup.set_xla_flags()
+  assert xla_cpu.flags_set()
+
+
+def test_an_unused_accelerator_is_said_loudly(monkeypatch):
+  warnings = []
+  monkeypatch.setattr(logging, 'warning',
+                      lambda msg, *a: warnings.append(msg % a))
+  monkeypatch.setattr(startup, 'accelerator_devices',
+                      lambda: {'gpu': ['/dev/nvidia0'], 'tpu': []})
+  startup.check_platform()  # JAX runs on the CPU here.
+  assert len(warnings) == 1
+  assert 'has a GPU (/dev/nvidia0) but JAX runs on the CPU' in warnings[0]
+  assert f'"jax[cuda12]=={jax.__version__}"' in warnings[0]
+  monkeypatch.setattr(startup, 'accelerator_devices',
+                      lambda: {'gpu': [], 'tpu': ['/dev/accel0']})
+  startup.check_platform()
+  assert f'"jax[tpu]=={jax.__version__}"' in warnings[1]
+
+
+def test_synthetic_loop_trains_and_writes_a_profile(tmp_path):
+  """The whole loop on random device-made data (no input pipeline), with a
+  profiler trace of steps 3-4 in the workdir for TensorBoard."""
+  workdir = str(tmp_path)
+  config = th.tiny_config(None, total_steps=6, **{
+      'data.dataset': 'synthetic', 'data.synthetic_eval_examples': 12,
+      'data.mean': 'image', 'profile.start_step': 3, 'profile.num_steps': 2})
+  state, val = train.train_and_evaluate(config, workdir)
+  assert int(state.step) == 6
+  assert val['count'] == 12  # The masked last batch is left out.
+  assert th.checkpoint_steps(workdir) == [2, 4, 6]
+  traces = glob.glob(os.path.join(workdir, 'plugins', 'profile', '*',
+                                  '*.xplane.pb'))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
