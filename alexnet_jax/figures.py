@@ -18,9 +18,9 @@ Plots draw on matplotlib's Agg canvas directly (no pyplot, no display).
 
 import dataclasses
 import functools
-import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,8 +64,10 @@ def save_png(path: str, image) -> None:
   x = np.asarray(image)
   if x.dtype != np.uint8:
     x = np.round(255 * np.clip(x, 0, 1)).astype(np.uint8)
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  Image.fromarray(x).save(path, format='PNG')
+  path = epath.Path(path)  # A local path or gs://.
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    Image.fromarray(x).save(f, format='PNG')
 
 
 def write_to_tensorboard(writer, step: int, images: Mapping[str, np.ndarray]):

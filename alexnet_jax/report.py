@@ -16,8 +16,6 @@ docs/ABLATIONS.md and docs/ablations/*.png. Per variant (averaged over seeds):
 """
 
 import datetime
-import glob
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -28,6 +26,7 @@ from alexnet_jax import audit
 from alexnet_jax import figures
 from alexnet_jax import mesh as mesh_lib
 from alexnet_jax import model as model_lib
+from alexnet_jax import paths
 from alexnet_jax import run_dir
 from alexnet_jax import sweep as sweep_lib
 
@@ -127,8 +126,8 @@ def run_summary(workdir: str, defaults=None) -> Dict[str, Any]:
 def collect(root: str, defaults=None) -> List[Dict[str, Any]]:
   """run_summary of every finished sweep workdir under `root`, in
   VARIANTS order (unfinished ones are skipped, with a warning)."""
-  dirs = sorted(os.path.dirname(p) for p in
-                glob.glob(os.path.join(root, '*', sweep_lib.SWEEP_FILE)))
+  dirs = sorted(str(p.parent) for p in
+                paths.path(root).glob(f'*/{sweep_lib.SWEEP_FILE}'))
   if not dirs:
     raise FileNotFoundError(f'No sweep workdirs (*/{sweep_lib.SWEEP_FILE}) '
                             f'under {root}: run python sweep.py --root={root} '
@@ -240,7 +239,8 @@ def _new_figure(size=(7.5, 4.5)):
 
 def _save(fig, path):
   fig.tight_layout()
-  fig.savefig(path)
+  with paths.path(path).open('wb') as f:  # A local path or gs://.
+    fig.savefig(f, format='png')
 
 
 def plot_val_curves(rows, path):
@@ -393,17 +393,17 @@ def build_report(root: str, out: str, command: str = '',
                  ) -> Tuple[str, List[Dict[str, Any]]]:
   """Writes `out` (markdown) and its PNGs in <out without .md, lowercased>/;
   returns (markdown, aggregated rows). `defaults`: as run_summary."""
+  paths.check(root, '--root')
+  paths.check(out, '--out')
   rows = collect(root, defaults)
   aggregated = aggregate(rows)
-  out_dir = os.path.splitext(out)[0]
-  out_dir = os.path.join(os.path.dirname(out_dir),
-                         os.path.basename(out_dir).lower())
-  os.makedirs(out_dir, exist_ok=True)
-  plot_val_curves(rows, os.path.join(out_dir, 'val_error.png'))
-  plot_relu_vs_tanh(rows, os.path.join(out_dir, 'relu_vs_tanh.png'))
-  text = report_markdown(rows, aggregated, os.path.basename(out_dir),
+  out_path = paths.path(out)
+  out_dir = out_path.parent / out_path.stem.lower()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  plot_val_curves(rows, str(out_dir / 'val_error.png'))
+  plot_relu_vs_tanh(rows, str(out_dir / 'relu_vs_tanh.png'))
+  text = report_markdown(rows, aggregated, out_dir.name,
                          command or f'python report.py --root={root} '
                          f'--out={out}', preface)
-  with open(out, 'w') as f:
-    f.write(text)
+  paths.write_text(out, text)
   return text, aggregated

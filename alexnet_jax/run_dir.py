@@ -13,9 +13,7 @@ module: the saved config, the metrics history, the step of a checkpoint
 
 import copy
 import functools
-import glob
 import json
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from clu import metric_writers
@@ -25,6 +23,7 @@ import ml_collections
 from alexnet_jax import checkpoint as checkpoint_lib
 from alexnet_jax import model as model_lib
 from alexnet_jax import optimizer as optimizer_lib
+from alexnet_jax import paths
 from alexnet_jax import train_step as train_step_lib
 
 CONFIG_FILE = 'config.json'
@@ -39,10 +38,10 @@ def is_writer() -> bool:
 
 # ----------------------------------------------------------------- config
 def write_config(workdir: str, config) -> None:
-  os.makedirs(workdir, exist_ok=True)
   if is_writer():
-    with open(os.path.join(workdir, CONFIG_FILE), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    paths.makedirs(workdir)
+    paths.write_text(paths.join(workdir, CONFIG_FILE),
+                     config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def _tuples(node):
@@ -67,6 +66,20 @@ def _fill_missing(config, defaults, path=''):
   return added
 
 
+def _drop_unknown(config, defaults, path=''):
+  """Removes fields `defaults` no longer has (speed switches retired since
+  the run, e.g. model.conv_kernel_grad)."""
+  removed = []
+  for key in list(config.keys()):
+    if key not in defaults:
+      del config[key]
+      removed.append(path + key)
+    elif isinstance(defaults[key], ml_collections.ConfigDict) and isinstance(
+        config[key], ml_collections.ConfigDict):
+      removed += _drop_unknown(config[key], defaults[key], f'{path}{key}.')
+  return removed
+
+
 def load_config(workdir: str, defaults=None,
                 overrides: Optional[Dict[str, Any]] = None
                 ) -> ml_collections.ConfigDict:
@@ -75,20 +88,24 @@ def load_config(workdir: str, defaults=None,
   Fields the run predates are taken from `defaults` (a ConfigDict, e.g.
   configs/alexnet.py's `get_config()`), and named in the log.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.join(paths.check(workdir, '--workdir'), CONFIG_FILE)
+  if not paths.exists(path):
     raise FileNotFoundError(
         f'{path} does not exist: --workdir must be the directory a training '
         'run wrote (python launch.py --config=... --workdir=DIR writes '
         f'DIR/{CONFIG_FILE} and DIR/{CHECKPOINTS}/).')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(_tuples(json.load(f)))
+  config = ml_collections.ConfigDict(_tuples(json.loads(paths.read_text(
+      path))))
   if defaults is not None:
     added = _fill_missing(config, defaults)
+    removed = _drop_unknown(config, defaults)
+    from absl import logging  # pylint: disable=g-import-not-at-top
     if added:
-      from absl import logging  # pylint: disable=g-import-not-at-top
       logging.info('%s predates config fields %s: using their defaults.',
                    workdir, ', '.join(added))
+    if removed:
+      logging.info('%s has config fields this version no longer has, '
+                   'ignored: %s.', workdir, ', '.join(removed))
   if overrides:
     config.lock()  # A misspelt field fails instead of being added.
     config.update_from_flattened_dict(dict(overrides))
@@ -99,11 +116,10 @@ def load_config(workdir: str, defaults=None,
 def changed_sections(config, workdir: str) -> List[str]:
   """Top-level config sections in which the run saved in `workdir` differs
   from `config` ([] when it saved no config)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, CONFIG_FILE)
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    old = json.load(f)
+  old = json.loads(paths.read_text(path))
   new = json.loads(config.to_json_best_effort(indent=2, sort_keys=True))
   return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
@@ -117,14 +133,14 @@ class MetricsLog:
   def __init__(self, workdir):
     self.writer = metric_writers.AsyncMultiWriter(
         [metric_writers.SummaryWriter(workdir)] if is_writer() else [])
-    self.path = os.path.join(workdir, METRICS_FILE)
+    self.path = paths.join(workdir, METRICS_FILE)
 
   def write(self, step: int, split: str, scalars: Dict[str, float]):
     self.writer.write_scalars(step, {f'{split}/{k}': v
                                      for k, v in scalars.items()})
     if is_writer():
-      with open(self.path, 'a') as f:
-        f.write(json.dumps({'step': step, 'split': split, **scalars}) + '\n')
+      paths.append_text(self.path, json.dumps(
+          {'step': step, 'split': split, **scalars}) + '\n')
 
   def close(self):
     self.writer.flush()
@@ -134,15 +150,14 @@ class MetricsLog:
 def read_metrics(workdir: str) -> Dict[str, Dict[int, Dict[str, Any]]]:
   """{split: {step: record}} from metrics.jsonl ('train', 'val', ...; the
   last record of a step wins: a resumed run logs some steps again)."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, METRICS_FILE)
+  if not paths.exists(path):
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not a '
                             'training run (or it has not logged yet).')
   out = {'train': {}, 'val': {}}
-  with open(path) as f:
-    for line in f:
-      r = json.loads(line)
-      out.setdefault(r['split'], {})[int(r['step'])] = r
+  for line in paths.read_text(path).splitlines():
+    r = json.loads(line)
+    out.setdefault(r['split'], {})[int(r['step'])] = r
   return out
 
 
@@ -163,8 +178,8 @@ def read_curves(workdir: str) -> Dict[str, List[Tuple[int, float]]]:
   """{tag: [(step, value)]} from the workdir's TensorBoard event files, or
   from metrics.jsonl when there are none."""
   history: Dict[str, Dict[int, float]] = {}
-  files = sorted(glob.glob(os.path.join(workdir, '**', 'events.out.tfevents.*'),
-                           recursive=True))
+  files = sorted(str(f) for f in paths.path(workdir).glob(
+      'events.out.tfevents.*'))
   if files:
     from tensorboard.backend.event_processing import event_file_loader  # pylint: disable=g-import-not-at-top
     for path in files:
@@ -194,16 +209,16 @@ def val_errors(workdir: str) -> Dict[int, float]:
 
 # ------------------------------------------------------------ checkpoints
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, CHECKPOINTS)
+  return paths.join(workdir, CHECKPOINTS)
 
 
 def run_workdir(path: str) -> str:
   """The run directory of `path`, a workdir or its checkpoints/ (as given
   to config.init_from); an error if it holds no checkpoints."""
-  path = os.path.normpath(path)
-  if os.path.basename(path) == CHECKPOINTS:
-    path = os.path.dirname(path)
-  if not os.path.isdir(checkpoint_dir(path)):
+  path = paths.check(path, '--config.init_from').rstrip('/')
+  if paths.name(path) == CHECKPOINTS:
+    path = str(paths.path(path).parent)
+  if not paths.path(checkpoint_dir(path)).is_dir():
     raise FileNotFoundError(
         f'{path!r} holds no {CHECKPOINTS}/: give the workdir of a training '
         f'run that saved a checkpoint (or its {CHECKPOINTS}/ directory).')
@@ -212,11 +227,18 @@ def run_workdir(path: str) -> str:
 
 def checkpoint_step(manager, which: str = 'latest',
                     errors: Optional[Dict[int, float]] = None) -> int:
-  """The step of checkpoint `which`: 'latest', 'best' or a step number.
+  """The step of checkpoint `which`: 'latest', 'best' or a step number
+  (the first of `checkpoint_steps`)."""
+  return checkpoint_steps(manager, which, errors)[0]
 
-  'best': the lowest validation top-1 error measured at a kept checkpoint's
-  step, from the metrics saved with it or else `errors` ({step: error}, e.g.
-  `val_errors(workdir)`).
+
+def checkpoint_steps(manager, which: str = 'latest',
+                     errors: Optional[Dict[int, float]] = None) -> List[int]:
+  """The steps checkpoint `which` may be, in the order to try them when one
+  cannot be read: 'latest', newest first; 'best', by the lowest validation
+  top-1 error measured at a kept checkpoint's step (from the metrics saved
+  with it or else `errors`, {step: error}, e.g. `val_errors(workdir)`), the
+  later first on ties; a step number, just that one.
   """
   steps = list(manager.all_steps())
   where = str(manager.directory)
@@ -226,7 +248,7 @@ def checkpoint_step(manager, which: str = 'latest',
         'check --workdir).')
   which = str(which)
   if which == 'latest':
-    return max(steps)
+    return sorted(steps, reverse=True)
   if which == 'best':
     scored = {}
     for s in steps:
@@ -240,14 +262,14 @@ def checkpoint_step(manager, which: str = 'latest',
           f'No checkpoint in {where} has a validation error measured at its '
           f'step (steps {steps}), so none is "best": use '
           '--checkpoint=latest or a step number.')
-    return min(scored, key=lambda s: (scored[s], -s))  # Ties: the later.
+    return sorted(scored, key=lambda s: (scored[s], -s))
   if not which.isdigit():
     raise ValueError(f'--checkpoint={which!r}: use latest, best or a step '
                      f'number ({steps} in {where}).')
   if int(which) not in steps:
     raise FileNotFoundError(
         f'No checkpoint of step {which} in {where}; it holds steps {steps}.')
-  return int(which)
+  return [int(which)]
 
 
 def abstract_train_state(config, model, tx, mesh):
@@ -262,9 +284,11 @@ def abstract_train_state(config, model, tx, mesh):
 def restore_params(config, workdir: str, mesh, checkpoint: str = 'latest'
                    ) -> Tuple[Any, Any, int]:
   """(model, params, step) of the run's checkpoint `checkpoint` ('latest',
-  'best' or a step number), placed on `mesh`; `config` is the run's."""
+  'best' or a step number), placed on `mesh`; `config` is the run's. An
+  unreadable 'latest' or 'best' falls back to the next readable one in
+  checkpoint_steps's order (checkpoint.restore_readable)."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not paths.path(directory).is_dir():
     raise FileNotFoundError(
         f'No {CHECKPOINTS}/ in {workdir}: the run saved no checkpoint (train '
         'it first, or check --workdir).')
@@ -273,8 +297,11 @@ def restore_params(config, workdir: str, mesh, checkpoint: str = 'latest'
       config, model, optimizer_lib.create_optimizer(config.optim), mesh)
   manager = checkpoint_lib.create_manager(directory, config.checkpoint)
   try:
-    step = checkpoint_step(manager, checkpoint, val_errors(workdir))
-    state, _ = checkpoint_lib.restore(manager, abstract_state, mesh, step)
+    steps = checkpoint_steps(manager, checkpoint, val_errors(workdir))
+    exact = str(checkpoint).isdigit()
+    state, _, step = checkpoint_lib.restore_readable(
+        manager, abstract_state, mesh, step=steps[0] if exact else None,
+        candidates=None if exact else steps)
   finally:
-    manager.close()
+    checkpoint_lib.close(manager)
   return model, state.params, step

@@ -17,7 +17,6 @@ every step's as images).
 """
 
 import json
-import os
 from typing import Dict, List
 
 from absl import logging
@@ -31,6 +30,7 @@ from alexnet_jax import audit
 from alexnet_jax import figures
 from alexnet_jax import input_pipeline
 from alexnet_jax import mesh as mesh_lib
+from alexnet_jax import paths
 from alexnet_jax import run_dir
 from alexnet_jax import train_step as train_step_lib
 
@@ -41,7 +41,7 @@ def _write_images(workdir, writer, step, images: Dict[str, np.ndarray]):
   if not run_dir.is_writer():
     return
   for name, image in images.items():
-    figures.save_png(os.path.join(workdir, FIGURES, f'{name}.png'), image)
+    figures.save_png(paths.join(workdir, FIGURES, f'{name}.png'), image)
   figures.write_to_tensorboard(writer, step,
                                {f'figures/{n}': im for n, im in images.items()})
 
@@ -81,9 +81,8 @@ def class_names(config) -> List[str]:
     builder = input_pipeline.imagenet_builder(config)
     return list(builder.info.features['label'].names)
   if d.dataset == 'folder' and d.folder:
-    train = os.path.join(d.folder, 'train')
-    return sorted(n for n in os.listdir(train)
-                  if os.path.isdir(os.path.join(train, n)))
+    train = paths.path(d.folder) / 'train'
+    return sorted(n.name for n in train.iterdir() if n.is_dir())
   return [str(i) for i in range(config.model.num_classes)]
 
 
@@ -170,8 +169,7 @@ def final_figures(config, workdir, writer, step: int, model, mesh, params):
   if run_dir.is_writer():
     writer.flush()
     out['training_curves'] = figures.training_curves(
-        run_dir.read_curves(workdir), title=os.path.basename(
-            os.path.normpath(workdir)))
+        run_dir.read_curves(workdir), title=paths.name(workdir))
   _write_images(workdir, writer, step, out)
 
 
@@ -235,6 +233,6 @@ def write_communication(config, workdir, model, mesh) -> Dict:
                'receives:\n%s', ', '.join(report['exchange']) or 'none; fc8 '
                'sums the logits', communication_table(report))
   if run_dir.is_writer():
-    with open(os.path.join(workdir, 'communication.json'), 'w') as f:
-      json.dump(report, f, indent=2)
+    paths.write_text(paths.join(workdir, 'communication.json'),
+                     json.dumps(report, indent=2))
   return report

@@ -17,13 +17,13 @@ latest checkpoint (its config must equal the one the sweep builds now).
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 
 from alexnet_jax import input_pipeline
+from alexnet_jax import paths
 from alexnet_jax import run_dir
 from alexnet_jax import train
 from configs import alexnet
@@ -131,18 +131,15 @@ def variant_config(name: str, overrides: Mapping[str, Any] = (),
 
 
 def read_sweep_file(workdir: str) -> Optional[Dict[str, Any]]:
-  path = os.path.join(workdir, SWEEP_FILE)
-  if not os.path.exists(path):
+  path = paths.join(workdir, SWEEP_FILE)
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def _write_sweep_file(workdir: str, record: Dict[str, Any]):
-  path = os.path.join(workdir, SWEEP_FILE)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  paths.write_text(paths.join(workdir, SWEEP_FILE),
+                   json.dumps(record, indent=2, sort_keys=True))
 
 
 def _check_same_config(config, workdir: str):
@@ -170,7 +167,7 @@ def run_variant(name: str, workdir: str, config, seed_index: int = 0
                  workdir, record.get('train_seconds', 0.0))
     return record
   _check_same_config(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   v = VARIANTS[name]
   record = {'variant': name, 'seed_index': seed_index, 'seed': config.seed,
             'config_variants': v.config_variants,
@@ -208,6 +205,7 @@ def run_sweep(root: str, variants: Sequence[str] = tuple(VARIANTS),
   overrides: {dotted field: value} applied to every variant (after
   SHORT_RUN, or `short_run` when given).
   """
+  paths.check(root, '--root')
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:
     raise ValueError(f'Unknown sweep variants {unknown}; valid: '
@@ -220,12 +218,12 @@ def run_sweep(root: str, variants: Sequence[str] = tuple(VARIANTS),
   records = []
   t0 = time.time()
   for name, k, config in plan:
-    workdir = os.path.join(root, workdir_name(name, k))
+    workdir = paths.join(root, workdir_name(name, k))
     records.append({**run_variant(name, workdir, config, k),
                     'workdir': workdir})
   logging.info('Sweep of %d runs done in %.1f s:\n%s', len(records),
                time.time() - t0, '\n'.join(
-                   f'  {os.path.basename(r["workdir"]):<20} '
+                   f'  {paths.name(r["workdir"]):<20} '
                    f'{r.get("train_seconds", 0):7.1f} s  val top-1 error '
                    f'{100 * (r.get("val_top1_error") or float("nan")):.2f}%'
                    for r in records))

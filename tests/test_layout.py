@@ -15,13 +15,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # alexnet_jax's modules by concern, lowest first: a module may import only
 # modules of a lower tier. Every module must be listed.
 TIERS = (
-    ('building blocks', ('xla_cpu', 'lrn', 'pool', 'native', 'mesh',
-                         'optimizer', 'schedules', 'demo_data')),
-    ('layers, ops, plots, process set-up', ('conv', 'preprocess', 'figures',
-                                            'audit', 'startup')),
+    ('building blocks', ('xla_cpu', 'backends', 'native', 'mesh',
+                         'optimizer', 'schedules', 'demo_data', 'paths',
+                         'decoded_copy')),
+    ('layers, ops, plots, process set-up', (
+        'lrn', 'pool', 'preprocess', 'figures', 'audit', 'startup',
+        'device_augment')),
+    ('training-set statistics', ('data_stats',)),
     ('the network, the data, the steps', ('model', 'input_pipeline',
                                           'train_step')),
-    ('checkpoints, data tools', ('checkpoint', 'data_stats', 'prepare')),
+    ('checkpoints, the one-time data work', ('checkpoint', 'prepare')),
     ('a run directory', ('run_dir',)),
     ('what a run writes besides checkpoints', ('run_outputs',)),
     ('programs', ('train', 'evaluate')),
