@@ -23,11 +23,13 @@ logged (absl, WARNING) as a running total; nothing crashes.
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import queue
 import threading
-from typing import Callable, Optional, Sequence
+import zlib
+from typing import Callable, Dict, Optional, Sequence
 
 from absl import logging
 import jax
@@ -38,10 +40,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from alexnet_jax import data_stats
+from alexnet_jax import decoded_copy
+from alexnet_jax import device_augment
 from alexnet_jax import native
+from alexnet_jax import paths
 from alexnet_jax import preprocess as pp
 
-DATASETS = ('imagenet2012', 'demo', 'folder')
+DATASETS = ('imagenet2012', 'demo', 'folder', 'synthetic')
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 _SPLITS = {'train': 'train', 'eval': 'validation'}
@@ -54,12 +60,15 @@ class Source:
 
   `records(order_seed, start)` gives a dataset of (image bytes, label) in
   the epoch order picked by `order_seed` (None: stored order), from record
-  `start` on.
+  `start` on. A decoded copy has a `decoded` reader instead (read with
+  numpy, augmented on the device).
   """
   num_examples: int  # This process's.
   total_examples: int  # All processes'.
   num_classes: int
-  records: Callable[[Optional[Sequence[int]], int], tf.data.Dataset]
+  records: Optional[Callable[[Optional[Sequence[int]], int],
+                             tf.data.Dataset]]
+  decoded: Optional[decoded_copy.Reader] = None
 
 
 def process_range(n, process_index, process_count):
@@ -170,9 +179,15 @@ def prepared_source(config, split, process_index, process_count):
     raise FileNotFoundError(
         f'config.data.prepared_dir={d.prepared_dir!r} holds no '
         f'{PREPARED_META}; write it with `python -m alexnet_jax.prepare '
-        '--config=... --out=DIR` or set --config.data.prepared_dir=\'\'.')
+        '--config=... --copy_dir=DIR` (or --decoded_dir=DIR), or set '
+        '--config.data.prepared_dir=\'\'.')
   with tf.io.gfile.GFile(path) as f:
     meta = json.load(f)
+  if meta.get('format') == decoded_copy.FORMAT:
+    reader = decoded_copy.Reader(d.prepared_dir, split, process_index,
+                                 process_count, d.resize_size)
+    return Source(reader.num_examples, reader.total_examples,
+                  reader.num_classes, None, reader)
   if meta['resize_size'] != d.resize_size:
     raise ValueError(
         f'{d.prepared_dir!r} holds {meta["resize_size"]}-pixel images but '
@@ -229,12 +244,24 @@ def folder_source(root, split_dir, process_index, process_count):
   return Source(len(paths), total, len(classes), records)
 
 
+def _build_once_error(config, builder):
+  return FileNotFoundError(
+      f'The {config.data.dataset} dataset is not built in {builder.data_dir!r}'
+      f' and this run has {jax.process_count()} processes, which must not '
+      'build it at once: build it first, in one process, with python -m '
+      'alexnet_jax.prepare --config=<the same config and --config.data.* '
+      'flags>.')
+
+
 def imagenet_builder(config):
-  """tfds's imagenet2012 builder, prepared; a clear error without the tars."""
+  """tfds's imagenet2012 builder, prepared (built here in a single-process
+  run); a clear error without the tars."""
   data_dir = config.data.data_dir or None
   builder = tfds.builder('imagenet2012', data_dir=data_dir)
   if builder.is_prepared():
     return builder
+  if jax.process_count() > 1:
+    raise _build_once_error(config, builder)
   manual_dir = config.data.manual_dir
   missing = [os.path.join(manual_dir or '<manual_dir>', t)
              for t in IMAGENET_TARS
@@ -256,13 +283,23 @@ def imagenet_builder(config):
 def demo_builder(config):
   from alexnet_jax import demo_data  # pylint: disable=g-import-not-at-top
   d = config.data
+  if paths.is_remote(d.data_dir):
+    raise ValueError(
+        f'--config.data.data_dir={d.data_dir!r}: the demo generates its '
+        'archives in its data_dir, which must be local; keep the demo\'s data '
+        'on a local disk (the workdir may be a bucket).')
   data_dir = d.data_dir or os.path.join(
       os.path.expanduser('~'), 'tensorflow_datasets')
   lo, hi = d.demo_image_size
-  return demo_data.prepare_demo(
-      data_dir, num_classes=d.demo_num_classes,
-      train_per_class=d.demo_train_per_class,
+  spec = demo_data.DemoSpec(
+      num_classes=d.demo_num_classes, train_per_class=d.demo_train_per_class,
       val_per_class=d.demo_val_per_class, min_size=lo, max_size=hi)
+  if jax.process_count() > 1:
+    builder = demo_data.prepare_demo(data_dir, spec, build=False)
+    if not builder.is_prepared():
+      raise _build_once_error(config, builder)
+    return builder
+  return demo_data.prepare_demo(data_dir, spec)
 
 
 def get_source(config, split, process_index=None, process_count=None):
@@ -273,6 +310,11 @@ def get_source(config, split, process_index=None, process_count=None):
   if d.dataset not in DATASETS:
     raise ValueError(f'Unknown config.data.dataset={d.dataset!r}; valid: '
                      f'{", ".join(DATASETS)}.')
+  if d.dataset == 'synthetic':
+    total = (d.synthetic_train_examples if split == 'train' else
+             d.synthetic_eval_examples)
+    lo, hi = process_range(total, pi, pc)
+    return Source(hi - lo, total, config.model.num_classes, None)
   if d.get('prepared_dir'):
     return prepared_source(config, split, pi, pc)
   if d.dataset == 'folder':
@@ -286,10 +328,104 @@ def get_source(config, split, process_index=None, process_count=None):
   return tfds_source(builder, _SPLITS[split], pi, pc, d.shuffle_buffer)
 
 
-# ------------------------------------------------------------ preprocessing
-def load_mean(config):
-  """The per-pixel mean image if cached, else the per-channel means."""
+# ----------------------------------------------------- training-set mean
+MEANS = ('image', 'channel')
+
+
+def stats_dir(config) -> str:
+  """Where the dataset's training-set statistics are cached: next to it."""
   d = config.data
+  if d.get('prepared_dir'):
+    return os.path.join(d.prepared_dir, 'stats')
+  if d.dataset == 'folder':
+    return os.path.join(d.folder, 'alexnet_jax_stats')
+  builder = (imagenet_builder if d.dataset == 'imagenet2012' else
+             demo_builder)(config)
+  return os.path.join(builder.data_dir, 'alexnet_jax_stats')
+
+
+def stats_key(config, source: Source):
+  """What the statistics are a function of: the dataset (for a tfds dataset
+  its version and bytes, for a copy its shards; a folder by its path), its
+  training examples, the resize size and filter."""
+  d = config.data
+  if d.get('prepared_dir'):
+    meta = json.loads(paths.read_text(paths.join(d.prepared_dir,
+                                                 PREPARED_META)))
+    dataset = (f'{meta.get("format", "jpeg")} copy '
+               f'{paths.absolute(d.prepared_dir)}: {meta["splits"]["train"]}')
+  elif d.dataset == 'folder':
+    dataset = f'folder {paths.absolute(d.folder)}'
+  else:
+    builder = (imagenet_builder if d.dataset == 'imagenet2012' else
+               demo_builder)(config)
+    dataset = (f'{builder.name} {builder.version} in {builder.data_dir}, '
+               f'{builder.info.splits["train"].num_bytes} bytes')
+  return {'dataset': dataset, 'train_examples': source.total_examples,
+          'resize_size': d.resize_size, 'antialias': d.resize_antialias}
+
+
+# This process's statistics by data config: a run resolves them once
+# (listing a large folder to key the cache is not free).
+_stats_of_run: Dict[str, Dict] = {}
+
+
+def forget_training_set_stats():
+  """Makes the next training_set_stats look at the cache again, e.g. after
+  the dataset changed within this process."""
+  _stats_of_run.clear()
+
+
+def training_set_stats(config, compute_if_missing=None):
+  """The training split's mean image and RGB PCA (data_stats), from the
+  cache next to the dataset, or computed over the whole split and cached
+  (with progress in the log). compute_if_missing (default: in a single-
+  process run) False: a missing cache is an error naming the command that
+  computes it, as several processes must not compute it at once."""
+  d = config.data
+  memo = d.to_json(sort_keys=True)
+  if memo in _stats_of_run:
+    return _stats_of_run[memo]
+  source = get_source(config, 'train', 0, 1)
+  directory, key = stats_dir(config), stats_key(config, source)
+  stats = data_stats.load(directory, d.resize_size, key)
+  if stats is not None:
+    _stats_of_run[memo] = stats
+    return stats
+  if compute_if_missing is None:
+    compute_if_missing = jax.process_count() == 1
+  if not compute_if_missing:
+    raise FileNotFoundError(
+        f'The training set\'s mean image is not in {directory}: compute it '
+        'once before a multi-process run, with python -m alexnet_jax.prepare '
+        '--config=<the same config>, or set --config.data.mean=channel.')
+  logging.info('Computing the training set\'s mean image and RGB PCA (%s '
+               'images, once; cached in %s).', f'{source.total_examples:,}',
+               directory)
+  if source.decoded is not None:
+    n = source.num_examples
+    stats = data_stats.accumulate(
+        (source.decoded.read(np.arange(i, min(i + 256, n)))[0]
+         for i in range(0, n, 256)), d.resize_size, total=n)
+  else:
+    stats = data_stats.compute(source.records(None, 0).map(lambda x, l: x),
+                               d.resize_size, d.resize_antialias,
+                               total=source.total_examples)
+  stats['path'] = data_stats.save(stats, directory, d.resize_size, key)
+  _stats_of_run[memo] = stats
+  return stats
+
+
+def load_mean(config):
+  """What is subtracted from every image: config.data.mean_image_path if
+  set; else, for config.data.mean='image', the training set's per-pixel
+  mean image (§2, `training_set_stats`); for 'channel', the per-channel
+  constants config.data.channel_means."""
+  d = config.data
+  if d.mean not in MEANS:
+    raise ValueError(f'config.data.mean={d.mean!r}: use one of {MEANS}.')
+  if d.dataset == 'synthetic':  # Its images are already centred.
+    return np.zeros(3, np.float32)
   if d.mean_image_path:
     with tf.io.gfile.GFile(d.mean_image_path, 'rb') as f:
       mean = np.load(f).astype(np.float32)
@@ -298,7 +434,26 @@ def load_mean(config):
       raise ValueError(f'Mean image {d.mean_image_path!r} has shape '
                        f'{mean.shape}, expected {want} (resize_size).')
     return mean
+  if d.mean == 'image':
+    return training_set_stats(config)['mean_image'].astype(np.float32)
   return np.asarray(d.channel_means, np.float32)
+
+
+def describe_mean(config) -> str:
+  """Which mean a run subtracts, for its log (computes it if missing)."""
+  d = config.data
+  if d.dataset == 'synthetic':
+    return 'none (synthetic images are centred)'
+  if d.mean_image_path:
+    return f'the mean image {d.mean_image_path}'
+  if d.mean == 'image':
+    stats = training_set_stats(config)
+    return (f'the training set\'s per-pixel mean image ({stats["path"]}, '
+            f'{int(stats["num_images"]):,} images)')
+  return f'the per-channel means {tuple(d.channel_means)}'
+
+
+# ------------------------------------------------------------ preprocessing
 
 
 def local_batch_size(config, mesh, process_count=None):
@@ -339,9 +494,21 @@ def _decode_batches(ds, fn, batch, spec, parallel):
                        num_parallel_calls=parallel, deterministic=True)
 
 
+def host_cores_for_this_process() -> int:
+  """The CPU cores this process may use: its CPU affinity when a scheduler
+  restricted it (SLURM's --cpus-per-task, taskset), else its share of the
+  host when several processes of the run share it ($ALEXNET_JAX_PROCESSES_
+  ON_HOST, set by startup.initialize_distributed)."""
+  cores = len(os.sched_getaffinity(0))
+  if cores < (os.cpu_count() or cores):
+    return cores
+  on_host = int(os.environ.get('ALEXNET_JAX_PROCESSES_ON_HOST', '1') or 1)
+  return max(1, cores // max(1, on_host))
+
+
 def _cycle(config):
   n = config.data.num_parallel_calls
-  return max(2, os.cpu_count() or 2) if n == -1 else n
+  return max(2, host_cores_for_this_process()) if n == -1 else n
 
 
 def train_dataset(config, source, local_batch, steps, epoch, start_batch=0,
@@ -380,6 +547,13 @@ def train_dataset(config, source, local_batch, steps, epoch, start_batch=0,
   return ds.filter(lambda x, l, n: n > 0).map(fill).prefetch(1)
 
 
+def train_resample(config) -> str:
+  """config.data.resample, or 'tf' where the train crops never resample: a
+  prepared copy's images are resize_size squares, so crops are whole-pixel
+  slices and the native op is not built for nothing."""
+  return 'tf' if config.data.get('prepared_dir') else config.data.resample
+
+
 def train_example_fn(config):
   """(image bytes, seed) -> pp.train_example's outputs, from config.data."""
   d = config.data
@@ -389,7 +563,8 @@ def train_example_fn(config):
       random_flip_=d.random_flip, pca_noise=d.pca_noise,
       eigvecs=d.pca_eigvecs, stddevs=d.pca_stddevs,
       alpha_stddev=d.pca_alpha_stddev, antialias=d.resize_antialias,
-      antialias_above=d.train_antialias_above, resample=d.resample)
+      antialias_above=d.train_antialias_above,
+      resample=train_resample(config))
 
 
 def device_finish(config, mesh):
@@ -515,8 +690,13 @@ def train_iterator(config, mesh, start_step=0, *, process_index=None,
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   local_batch = local_batch_size(config, mesh, pc)
+  if config.data.dataset == 'synthetic':
+    return synthetic_batches(config, mesh, 'train', start_step)
   source = get_source(config, 'train', pi, pc)
   steps = steps_per_epoch(config, source, pc)
+  if source.decoded is not None:
+    return decoded_train_batches(config, mesh, source.decoded, local_batch,
+                                 steps, start_step, pi)
   counter = SkipCounter('train')
   finish = device_finish(config, mesh)
   sharding = NamedSharding(mesh, P('data'))
@@ -533,6 +713,103 @@ def train_iterator(config, mesh, start_step=0, *, process_index=None,
         yield {'images': finish(*parts),
                'labels': jax.make_array_from_process_local_data(sharding, l)}
       epoch, k = epoch + 1, 0
+  return prefetch(batches(), config.data.prefetch)
+
+
+@functools.lru_cache(maxsize=8)
+def _synthetic_fns(seed, split, batch, view, num_classes, mesh):
+  """The jitted (images(step), labels(step)) of synthetic_batches, made
+  once per shape and mesh (each validation would compile them again)."""
+  sharding = NamedSharding(mesh, P('data'))
+  image_key, label_key = jax.random.split(jax.random.fold_in(
+      jax.random.PRNGKey(seed), zlib.crc32(split.encode())))
+
+  @functools.partial(jax.jit, out_shardings=sharding)
+  def images(step):
+    return 60.0 * jax.random.normal(jax.random.fold_in(image_key, step),
+                                    (batch,) + view)
+
+  @functools.partial(jax.jit, out_shardings=sharding)
+  def labels(step):
+    return jax.random.randint(jax.random.fold_in(label_key, step), (batch,),
+                              0, num_classes, jnp.int32)
+
+  return images, labels
+
+
+def synthetic_batches(config, mesh, split, start_step=0, ten_crop=False):
+  """config.data.dataset='synthetic': global batches of random images
+  (N(0, 60), the scale of mean-subtracted pixels) and labels, made on the
+  devices by one jitted call each, a function of (seed, split, step): no
+  input pipeline, nothing read, so that a run times the training loop
+  itself. 'train' goes on forever; other splits stop after
+  synthetic_eval_examples (the last batch masked past them)."""
+  d, b = config.data, config.batch_size
+  view = ((10,) if ten_crop else ()) + (d.crop_size, d.crop_size, 3)
+  sharding = NamedSharding(mesh, P('data'))
+  images, labels = _synthetic_fns(config.seed, split, b, view,
+                                  config.model.num_classes, mesh)
+
+  def batches():
+    if split == 'train':
+      for step in itertools.count(start_step):
+        yield {'images': images(step), 'labels': labels(step)}
+    else:
+      total = d.synthetic_eval_examples
+      for k in range(-(-total // b)):
+        mask = (np.arange(k * b, (k + 1) * b) < total).astype(np.float32)
+        yield {'images': images(k), 'labels': labels(k),
+               'mask': jax.device_put(mask, sharding)}
+  return prefetch(batches(), d.prefetch)
+
+
+def decoded_train_batches(config, mesh, reader, local_batch, steps,
+                          start_step, process_index):
+  """Training batches from a decoded copy, from step `start_step` on: the
+  host copies uint8 images out of the memory-mapped shards (epoch e's order
+  a permutation keyed by (seed, process, e), batch k its k-th slice), the
+  device crops, flips, lights and centres them (device_augment), keyed by
+  (seed, step, example)."""
+  augment = device_augment.make_train_augment(config, mesh, load_mean(config))
+  sharding = NamedSharding(mesh, P('data'))
+
+  def batches():
+    epoch, k = divmod(start_step, steps)
+    while True:
+      order = reader.epoch_order((config.seed, process_index, epoch))
+      for b in range(k, steps):
+        images, labels = reader.read(
+            order[b * local_batch:(b + 1) * local_batch])
+        images = jax.make_array_from_process_local_data(sharding, images)
+        yield {'images': augment(images, epoch * steps + b),
+               'labels': jax.make_array_from_process_local_data(sharding,
+                                                                labels)}
+      epoch, k = epoch + 1, 0
+  return prefetch(batches(), config.data.prefetch)
+
+
+def decoded_eval_batches(config, mesh, reader, local_batch, num_batches,
+                         ten_crop=False):
+  """Every record of the process's share of a decoded copy once, in stored
+  order, as eval_iterator's batches (views made on the device)."""
+  views = device_augment.make_eval_views(config, mesh, load_mean(config),
+                                         ten_crop)
+  sharding = NamedSharding(mesh, P('data'))
+  r = config.data.resize_size
+
+  def batches():
+    for b in range(num_batches):
+      idx = np.arange(b * local_batch,
+                      min((b + 1) * local_batch, reader.num_examples))
+      images, labels = reader.read(idx)
+      pad = local_batch - len(idx)
+      mask = np.concatenate([np.ones(len(idx)), np.zeros(pad)]).astype(
+          np.float32)
+      images = np.concatenate([images, np.zeros((pad, r, r, 3), np.uint8)])
+      labels = np.concatenate([labels, np.zeros(pad, np.int32)])
+      glob = lambda x: jax.make_array_from_process_local_data(sharding, x)
+      yield {'images': views(glob(images)), 'labels': glob(labels),
+             'mask': glob(mask)}
   return prefetch(batches(), config.data.prefetch)
 
 
@@ -559,9 +836,14 @@ def eval_iterator(config, mesh, ten_crop=False, *, split='eval',
   pi = jax.process_index() if process_index is None else process_index
   pc = jax.process_count() if process_count is None else process_count
   local_batch = local_batch_size(config, mesh, pc)
+  if config.data.dataset == 'synthetic':
+    return synthetic_batches(config, mesh, split, ten_crop=ten_crop)
   source = get_source(config, split, pi, pc)
   per_process = -(-source.total_examples // pc)  # The largest share.
   num_batches = -(-per_process // local_batch)
+  if source.decoded is not None:
+    return decoded_eval_batches(config, mesh, source.decoded, local_batch,
+                                num_batches, ten_crop)
   counter = SkipCounter(split)
   d = config.data
   view = ((10,) if ten_crop else ()) + (d.crop_size, d.crop_size, 3)
@@ -591,11 +873,17 @@ def check_config(config):
   """Stops a run at start, with what to set, if the dataset is missing or
   its number of classes is not config.model.num_classes, or if
   config.data.resample cannot be had (this builds the native op on first
-  use, alexnet_jax/native.py)."""
+  use, alexnet_jax/native.py); logs which mean is subtracted (computing the
+  training set's mean image if it is not cached yet)."""
   classes = num_classes(config)
+  if config.data.dataset == 'synthetic':
+    logging.info('Synthetic data: random images and labels made on the '
+                 'device, no input pipeline (timing the loop).')
+    return
   if classes != config.model.num_classes:
     raise ValueError(
         f'The dataset {config.data.dataset!r} has {classes} classes but '
         f'config.model.num_classes={config.model.num_classes}: set '
         f'--config.model.num_classes={classes}.')
-  native.resample_op(config.data.resample)
+  native.resample_op(train_resample(config))
+  logging.info('Mean subtracted: %s.', describe_mean(config))

@@ -31,6 +31,18 @@ smooth content plus noise), then times, in one run, images/s through tf.data
                        pipeline row reads prepare.py's own output, and once
                        more with a no-op decode: the rate the pipeline
                        itself (reading, shuffling, batching) allows
+  decoded copy         prepare.py's decoded copy of the same images (raw
+                       uint8 256x256, alexnet_jax/decoded_copy.py): the
+                       host's part (uint8 batches in the epoch's order, read
+                       from the memory-mapped shards), then the whole train
+                       iterator (the same, handed to JAX, and the crop,
+                       flip, PCA lighting and mean subtraction done by
+                       alexnet_jax/device_augment.py, here on this CPU)
+
+With --train_step, it also times the full network's train step (batch 32,
+224 crops, as benchmarks/train_step.py) fed float images made beforehand
+and fed uint8 256x256 images through the device augmentation first: what
+the augmentation costs the step.
 
 Each pass goes over every image `--copies` times (the folders hold that
 many copies of each file), so that it runs long against what a pipeline
@@ -130,12 +142,73 @@ def write_folder(config, jpegs, copies, root, prepared=False):
   return ip.get_source(config, 'train', 0, 1)
 
 
+def rate_iter(make, n, batch):
+  """As `rate`, for a Python iterator of batches (jax arrays are waited
+  for)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  it = make()
+  jax.block_until_ready(next(it))
+  t, c = time.perf_counter(), time.process_time()
+  for _ in range(n // batch - 1):
+    jax.block_until_ready(next(it))
+  n = (n // batch - 1) * batch
+  close = getattr(it, 'close', None)
+  if close:
+    close()
+  return n / (time.perf_counter() - t), n / (time.process_time() - c)
+
+
+def decoded_host_batches(reader, batch):
+  """The decoded copy's host part: the epoch's uint8 batches."""
+  order = reader.epoch_order((0, 0, 0))
+  for b in range(len(order) // batch):
+    yield reader.read(order[b * batch:(b + 1) * batch])
+
+
+def train_step_with_augmentation(batch, steps):
+  """(images/s of the train step fed float crops, and fed uint8 256x256
+  images through device_augment first), median of `steps` interleaved."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import device_augment  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from benchmarks import train_step as bench  # pylint: disable=g-import-not-at-top
+  step, state, floats = bench.full_step(batch, 1, 1)
+  config = get_config()
+  mesh = mesh_lib.make_mesh(config.model.num_towers, 1, 1)
+  augment = device_augment.make_train_augment(
+      config, mesh, np.asarray(config.data.channel_means, np.float32))
+  rng = np.random.default_rng(0)
+  r = config.data.resize_size
+  uint8 = jax.device_put(rng.integers(0, 256, (batch, r, r, 3), np.uint8),
+                         mesh_lib.data_sharding(mesh))
+  labels = floats['labels']
+
+  def fed(kind, i):
+    if kind == 'float':
+      return floats
+    return {'images': augment(uint8, i), 'labels': labels}
+  times = {'float': [], 'uint8': []}
+  for kind in times:  # Compile and warm up.
+    state, m = step(state, fed(kind, 0))
+    jax.block_until_ready(m)
+  for i in range(steps):
+    for kind in times:
+      t = time.perf_counter()
+      state, m = step(state, fed(kind, i))
+      jax.block_until_ready(m)
+      times[kind].append(time.perf_counter() - t)
+  return {k: batch / np.median(v) for k, v in times.items()}
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--num_images', type=int, default=400)
   parser.add_argument('--copies', type=int, default=5)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out', default='docs/BENCHMARKS_input.md')
+  parser.add_argument('--train_step', action='store_true',
+                      help='Also time the train step with and without the '
+                      'device augmentation.')
   args = parser.parse_args()
   if args.num_images * args.copies < 256:
     parser.error('--num_images x --copies must be at least 256: each pass is '
@@ -241,11 +314,32 @@ def main():
         built[name] = ip.train_dataset(cfg, source, 64, steps, 0,
                                        example_fn=fn)
         counts[name], best[name] = steps * 64, (0.0, 0.0)
-    for k, ds in built.items():  # Warm-up pass.
-      rate(ds, counts[k])
+    # The decoded copy of the same folder: host batches, whole iterator.
+    cfg = get_config()
+    cfg.batch_size = 64
+    write_folder(cfg, jpegs, copies, os.path.join(root, 'decoded'))
+    out = os.path.join(root, 'decoded', 'copy')
+    prepare.prepare(cfg, out, decoded=True)
+    cfg.data.prepared_dir = out
+    source = ip.get_source(cfg, 'train', 0, 1)
+    mesh = ip.jax.make_mesh((1, 1), ('data', 'tower'))
+    steps = source.num_examples // 64
+    iters = {
+        '**decoded copy: host batches** (uint8, epoch order, memory-mapped '
+        'shards)': lambda: decoded_host_batches(source.decoded, 64),
+        'decoded copy: whole train iterator (+ device augmentation, here on '
+        'the CPU)': lambda: ip.train_iterator(cfg, mesh)}
+    for k in iters:
+      counts[k], best[k] = steps * 64, (0.0, 0.0)
+
+    def measure(k):
+      return (rate(built[k], counts[k]) if k in built else
+              rate_iter(iters[k], counts[k], 64))
+    for k in best:  # Warm-up pass.
+      measure(k)
     for _ in range(args.repeats):
-      for k, ds in built.items():
-        w, c = rate(ds, counts[k])
+      for k in best:
+        w, c = measure(k)
         best[k] = (max(best[k][0], w), max(best[k][1], c))
   bare = best['bare decode (full image)']
   cores = os.cpu_count()
@@ -266,6 +360,19 @@ def main():
       f'{args.num_images} --copies {copies} --repeats {args.repeats}` ('
       f'{time.perf_counter() - t0:.0f} s); best of {args.repeats} interleaved '
       'passes, each timed from its first batch on.', '']
+  copy_row = best['pre-resized 256: full train pipeline (prepare.py output, '
+                  'batches of 64)']
+  decoded_row = best['**decoded copy: host batches** (uint8, epoch order, '
+                     'memory-mapped shards)']
+  lines += ['', f'Decoded copy vs the JPEG copy, whole host pipeline: '
+            f'{decoded_row[0] / copy_row[0]:.1f}x per wall second, '
+            f'{decoded_row[1] / copy_row[1]:.1f}x per CPU second.']
+  if args.train_step:
+    step = train_step_with_augmentation(32, 5)
+    lines += ['', f'Train step, full network, batch 32: {step["float"]:.1f} '
+              f'images/s fed float crops, {step["uint8"]:.1f} fed uint8 '
+              '256x256 images through the device augmentation '
+              f'({1 - step["uint8"] / step["float"]:.1%} slower).']
   text = '\n'.join(head + lines) + '\n'
   print(text)
   if args.out:

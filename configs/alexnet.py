@@ -1,7 +1,7 @@
 """AlexNet as in Krizhevsky, Sutskever & Hinton (NIPS 2012): the paper's recipe.
 
-Every number from the paper carries its source in a comment; "PAPER.md" is the
-project's specification (../shared/PAPER.md): "§3.x" are sections of the paper,
+Every number from the paper carries its source in a comment; docs/PAPER.md is
+the project's specification: "§3.x" are sections of the paper,
 "cuda-convnet" the authors' code, which fills the gaps the paper leaves.
 
 Command:
@@ -11,7 +11,7 @@ Command:
 Expected time: ~90 epochs of 10,009 steps; the paper took 5-6 days on two
 GTX 580 3GB GPUs (§5). On a modern accelerator the JPEG decoding and
 augmentation set the pace (docs/BENCHMARKS_input.md).
-Expected result (PAPER.md): 40.7% top-1 / 18.2% top-5 validation error for
+Expected result (docs/PAPER.md): 40.7% top-1 / 18.2% top-5 validation error for
 one network with 10-crop testing (§6); the centre crop evaluated during
 training reads about 2 points higher in top-1 (cuda-convnet2: 42.5% centre
 crop vs 40.4% with 10 crops).
@@ -70,16 +70,22 @@ def get_config(variant: str = ''):
   m.pool_window = 3
   m.pool_stride = 2
   m.dropout_rate = 0.5  # Dropout 0.5 in fc6 and fc7 (§4.2).
+  # "At test time, we use all the neurons but multiply their outputs by 0.5"
+  # (§4.2): 'paper' zeroes units in training and scales at test time;
+  # 'inverted' (modern frameworks) scales the kept units in training instead.
+  m.dropout_scaling = 'paper'
   # Weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden fc
   # layers, 0 elsewhere (§5). 'he' is the modern alternative (biases 0).
   m.init_scheme = 'paper'
   m.init_stddev = 0.01
   m.init_bias_one = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')
   m.dtype = 'float32'  # Activations/matmuls; 'bfloat16' for mixed precision.
-  # Convolution weight gradients: 'auto' (the faster: XLA's own, or 'taps'
-  # on a CPU with XLA's default convolution library; speed only,
-  # alexnet_jax/conv.py), 'taps' or 'xla'.
-  m.conv_kernel_grad = 'auto'
+  # The max-pool's and LRN's gradients (speed only, the same numbers):
+  # hand-written ('custom') or XLA's own ('xla'); 'auto' is the faster on
+  # each backend: custom on the CPU, XLA's on GPU and TPU
+  # (alexnet_jax/backends.py, docs/BENCHMARKS.md).
+  m.max_pool_grad = 'auto'
+  m.lrn_grad = 'auto'
 
   # ----------------------------------------------------------------- mesh
   # ('data', 'tower') device mesh. -1: the tower axis takes num_towers devices
@@ -113,7 +119,9 @@ def get_config(variant: str = ''):
 
   # ----------------------------------------------------------------- data
   d = config.data = ml_collections.ConfigDict()
-  d.dataset = 'imagenet2012'  # 'imagenet2012' | 'demo' | 'folder'.
+  # 'imagenet2012' | 'demo' | 'folder' | 'synthetic' (random images made on
+  # the devices: the training loop timed without an input pipeline).
+  d.dataset = 'imagenet2012'
   d.manual_dir = ''  # Holds ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar.
   d.data_dir = ''  # tfds data dir; '' is tfds's default (~/tensorflow_datasets).
   d.folder = ''  # For dataset='folder': root with train/<class>/*, val/<class>/*.
@@ -128,8 +136,13 @@ def get_config(variant: str = ''):
                    (-0.817, -0.024, -0.576),
                    (0.397, 0.701, -0.592))
   d.pca_stddevs = (19.72, 37.09, 121.78)
-  # Per-pixel mean image of the training set, computed by a tool and cached
-  # here; '' falls back to the per-channel means (cuda-convnet's values).
+  # "Subtracting the mean activity over the training set from each pixel"
+  # (§2): 'image', the training set's per-pixel mean image, computed once
+  # (python -m alexnet_jax.prepare, or on first use in a single process) and
+  # cached next to the dataset; 'channel', the per-channel constants below
+  # (cuda-convnet's values). mean_image_path, if set, names a mean image .npy
+  # to use instead of either.
+  d.mean = 'image'
   d.mean_image_path = ''
   d.channel_means = (127.3, 119.7, 104.9)
   # Antialiased bilinear resize to 256 (the paper does not say which filter).
@@ -160,6 +173,9 @@ def get_config(variant: str = ''):
   d.demo_train_per_class = 260
   d.demo_val_per_class = 50
   d.demo_image_size = (60, 160)  # Image sides drawn in [min, max] pixels.
+  # dataset='synthetic': examples in an epoch and in the validation set.
+  d.synthetic_train_examples = 1_281_167  # As ImageNet's training set.
+  d.synthetic_eval_examples = 1_024
 
   # ---------------------------------------------------- schedule (§5)
   # "We used an equal learning rate for all layers, which we adjusted
@@ -204,6 +220,11 @@ def get_config(variant: str = ''):
 
   # ----------------------------------------------------------------- logs
   config.log_every_steps = 100  # Progress line and TensorBoard scalars.
+  # A profiler trace of steps [start_step, start_step + num_steps) in the
+  # workdir, for TensorBoard's profile plugin (0: none).
+  config.profile = ml_collections.ConfigDict()
+  config.profile.start_step = 0
+  config.profile.num_steps = 5
 
   # -------------------------------------------------------------- figures
   # PNGs in <workdir>/figures/ and images in TensorBoard (alexnet_jax/
@@ -226,6 +247,16 @@ def get_config(variant: str = ''):
   return config
 
 
+def saved_run_defaults():
+  """The defaults of fields a saved run's config.json predates
+  (run_dir.load_config): get_config()'s, except where a new field's default
+  changed what the code did before it existed; there, the old behaviour."""
+  config = get_config()
+  config.model.dropout_scaling = 'inverted'  # Dropout was inverted before.
+  config.data.mean = 'channel'  # The mean image was used only if a path.
+  return config
+
+
 # ------------------------------------------------------------------ variants
 def demo(config):
   """The built-in generated data and a small network, end to end on a
@@ -239,6 +270,7 @@ def demo(config):
   minutes on a 2-core CPU (README.md, "The demo")."""
   d = config.data
   d.dataset = 'demo'
+  d.mean = 'channel'  # The per-channel constants: nothing to compute.
   d.resize_size = 72  # Small images: shorter side to 72, central 72x72 ...
   d.crop_size = 64  # ... random 64x64 crops (conv1 maps 15x15, pool5 1x1).
 
