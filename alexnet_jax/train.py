@@ -47,6 +47,7 @@ from alexnet_jax import input_pipeline
 from alexnet_jax import mesh as mesh_lib
 from alexnet_jax import model as model_lib
 from alexnet_jax import optimizer as optimizer_lib
+from alexnet_jax import paths
 from alexnet_jax import run_dir
 from alexnet_jax import run_outputs
 from alexnet_jax import schedules
@@ -55,6 +56,29 @@ from alexnet_jax import train_step as train_step_lib
 
 class DivergenceError(FloatingPointError):
   """The loss (or the parameters) became NaN or infinite."""
+
+
+class LostProcessError(RuntimeError):
+  """Another process of a multi-process run stopped answering."""
+
+
+# What a collective or jax.distributed says when a peer process is gone.
+_LOST_PEER = ('Gloo', 'Connection closed by peer', 'Connection reset by peer',
+              'UNAVAILABLE', 'DEADLINE_EXCEEDED', 'heartbeat')
+
+
+def _lost_process(error: Exception, checkpoints: str):
+  """A LostProcessError saying what to do, when `error` is a collective
+  failing because another process is gone; else None."""
+  if jax.process_count() == 1 or not any(s in str(error) for s in _LOST_PEER):
+    return None
+  first = str(error).strip().splitlines()[0][:300]
+  return LostProcessError(
+      f'Training stopped: another process of this run stopped answering '
+      f'({type(error).__name__}: {first}). Its host may have died or been '
+      'killed (a preemption with notice saves a checkpoint instead). The '
+      f'checkpoints in {checkpoints} are intact: when every host is back, '
+      'run the same command in every process to resume from the latest.')
 
 
 # ------------------------------------------------------------------ cadence
@@ -108,6 +132,35 @@ class Cadence:
         save=preempted or self.every(step, c.checkpoint.every_steps,
                                      c.checkpoint.every_epochs, last=True),
         stop=preempted, final=step == self.total_steps and not preempted)
+
+
+class ProfileTrace:
+  """A profiler trace of steps [start, start + n) (config.profile) written
+  into the workdir, where TensorBoard's profile plugin finds it."""
+
+  def __init__(self, config, workdir):
+    p = config.get('profile')
+    self.start = p.start_step if p else 0
+    self.end = self.start + (p.num_steps if p else 0) - 1
+    self.workdir, self.active = workdir, False
+
+  def before(self, step: int):
+    if self.start and not self.active and self.start <= step <= self.end:
+      jax.profiler.start_trace(self.workdir)
+      self.active = True
+
+  def after(self, step: int, metrics):
+    if self.active and step >= self.end:
+      self.stop(metrics)
+      logging.info('Profiler trace of steps %d-%d written to %s (TensorBoard: '
+                   'Profile tab).', self.start, step,
+                   os.path.join(self.workdir, 'plugins', 'profile'))
+
+  def stop(self, metrics=None):
+    if self.active:
+      jax.block_until_ready(metrics)
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 # ------------------------------------------------------------ train metrics
@@ -336,6 +389,7 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   Returns the final TrainState and the last validation metrics.
   """
   # ---------------------------------------------------------------- logging
+  paths.check_config(config, workdir)  # Before anything is written.
   run_dir.write_config(workdir, config)
   log = run_dir.MetricsLog(workdir)
   logging.info('Workdir %s. Processes: %d (this is %d); devices: %d global, '
@@ -375,6 +429,7 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   manager = checkpoint_lib.create_manager(run_dir.checkpoint_dir(workdir),
                                           config.checkpoint)
   if manager.latest_step() is not None:
+    # The newest readable checkpoint; unreadable newer ones are moved aside.
     state, extra = checkpoint_lib.restore(manager, abstract_state, mesh)
     schedule.load_state_dict(extra['schedule'])
     logging.info('Resumed from the checkpoint of step %d in %s%s.',
@@ -405,9 +460,11 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   pending = PendingMetrics(Progress(log, cadence, config.batch_size,
                                     start_step))
   learning_rate = None
+  trace = ProfileTrace(config, workdir)
   try:
     with Preemption() as preemption:
       for step in range(start_step + 1, total_steps + 1):
+        trace.before(step)
         batch = next(train_iter)
         if step == 1:
           live = live_units(model, mesh, state.params, batch['images'])
@@ -419,6 +476,7 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
           state = state.replace(opt_state=optimizer_lib.set_learning_rate(
               state.opt_state, learning_rate))
         state, metrics = train_step(state, batch)
+        trace.after(step, metrics)
         plan = cadence.plan(step, preemption.stop_now(step))
         pending.push(step, metrics, plan.log)
         if plan.needs_metrics:
@@ -443,9 +501,18 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
           logging.info('Figures written to %s (%.1fs).',
                        os.path.join(workdir, run_outputs.FIGURES),
                        time.time() - t0)
+  except Exception as e:  # pylint: disable=broad-except
+    lost = _lost_process(e, str(manager.directory))
+    if lost is None:
+      raise
+    logging.error('%s', lost)
+    raise lost from e
   finally:  # In-flight saves complete, even on DivergenceError.
+    trace.stop()
     train_iter.close()  # Stops its prefetch thread.
-    manager.wait_until_finished()
-    manager.close()
-    log.close()
+    try:  # A full disk is a clear CheckpointError (checkpoint.py).
+      checkpoint_lib.wait_until_finished(manager)
+    finally:
+      checkpoint_lib.close(manager)
+      log.close()
   return state, last_val
