@@ -6,8 +6,10 @@ rate, dropout key) and, as JSON, the schedule's state. The data iterator needs
 no state of its own: its batches are a function of (seed, step).
 
 - Saves are asynchronous (training goes on while the arrays are written) and
-  atomic (orbax writes to a temporary directory and renames it when done), so
-  a kill -9 leaves the previous checkpoint intact.
+  atomic (orbax writes to a temporary directory and renames it when done; in
+  a gs:// bucket, where renames are copies, it writes the step directory and
+  then a commit_success.txt that marks it finished), so a kill -9 leaves the
+  previous checkpoint intact.
 - Kept: the last `keep` checkpoints plus the `keep_best` with the lowest
   validation top-1 error (checkpoints saved without an evaluation are only
   kept as "last"). The error is saved with the checkpoint (orbax writes a

@@ -78,3 +78,17 @@ def test_synthetic_loop_trains_and_writes_a_profile(tmp_path):
   traces = glob.glob(os.path.join(workdir, 'plugins', 'profile', '*',
                                   '*.xplane.pb'))
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+def test_each_process_sizes_its_pipeline_to_its_share_of_the_host(
+    monkeypatch):
+  from alexnet_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(os, 'cpu_count', lambda: 16)
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)))
+  monkeypatch.delenv(startup.PROCESSES_ON_HOST, raising=False)
+  assert ip.host_cores_for_this_process() == 16
+  monkeypatch.setenv(startup.PROCESSES_ON_HOST, '8')  # One per GPU.
+  assert ip.host_cores_for_this_process() == 2
+  # A scheduler that pinned the process (--cpus-per-task=4) has decided.
+  monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})
+  assert ip.host_cores_for_this_process() == 4
