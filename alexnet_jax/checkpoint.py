@@ -181,6 +181,21 @@ def _metrics_problem(step_dir: epath.Path) -> Optional[str]:
   return None
 
 
+def saved_val_error(manager, step: int) -> Optional[float]:
+  """The validation error saved with checkpoint `step`, or None (saved
+  without an evaluation, or unreadable: said at WARNING)."""
+  try:
+    saved = manager.metrics(step)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Checkpoint of step %d in %s: its saved metrics are '
+                    'unreadable (%s).', step, manager.directory, _summary(e))
+    return None
+  value = saved.get(VAL_ERROR) if isinstance(saved, dict) else None
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  return float(value)
+
+
 def _move_aside_bad_metrics(directory) -> None:
   """Process 0 moves aside every step whose metrics would stop orbax's
   CheckpointManager from starting (it reads them all when constructed); the
@@ -200,12 +215,21 @@ def _move_aside_bad_metrics(directory) -> None:
 
 
 # ---------------------------------------------------------------- manager
-def create_manager(directory, checkpoint_config) -> ocp.CheckpointManager:
+def create_manager(directory, checkpoint_config, read_only: bool = False
+                   ) -> ocp.CheckpointManager:
   """A CheckpointManager for `config.checkpoint` (configs/alexnet.py).
 
   Steps whose saved metrics are unreadable are moved aside first (orbax's
-  constructor would fail on them).
+  constructor would fail on them). `read_only`: for reading another run's
+  checkpoints (evaluation, fine-tuning), which may still be training:
+  nothing is moved, cleaned up, deleted or written, and the saved metrics
+  are read only when asked for (`saved_val_error`).
   """
+  if read_only:
+    return ocp.CheckpointManager(epath.Path(directory), options=(
+        ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0,
+                                     create=False,
+                                     lightweight_initialize=True)))
   c = checkpoint_config
   _move_aside_bad_metrics(directory)
   preserve = [policies.LatestN(n=c.keep)]
@@ -391,7 +415,8 @@ def _read(path: epath.Path, target):
 
 def restore_readable(manager, abstract_state, mesh,
                      step: Optional[int] = None,
-                     candidates: Optional[Sequence[int]] = None
+                     candidates: Optional[Sequence[int]] = None,
+                     read_only: bool = False
                      ) -> Tuple[Any, Dict[str, Any], int]:
   """(state, extra, step) of the first readable checkpoint, onto `mesh`.
 
@@ -399,8 +424,9 @@ def restore_readable(manager, abstract_state, mesh,
   (e.g. the steps ordered best first), else every step, newest first. Each
   unreadable one is logged at WARNING with the reason; once a later candidate
   reads, those before it are moved aside (`move_aside`) and the manager
-  reloaded. Collective: every process reads the same candidate and keeps it
-  only if all could (process 0's list of candidates is used).
+  reloaded, unless `read_only` (another run's checkpoints, read with a
+  read-only manager: they are only skipped). Collective: every process reads the same candidate
+  and keeps it only if all could (process 0's list of candidates is used).
 
   Raises CheckpointError when none reads (nothing is then moved: the cause
   may be the run's config rather than the files), FileNotFoundError when
@@ -416,7 +442,8 @@ def restore_readable(manager, abstract_state, mesh,
   order = _from_process_0(order)
   if not order:
     raise FileNotFoundError(f'No checkpoint in {directory}.')
-  if step is not None and not (directory / str(step)).is_dir():
+  if step is not None and not all(
+      ok for ok, _ in _agree((directory / str(step)).is_dir())):
     raise FileNotFoundError(
         f'No checkpoint of step {step} in {directory}; it holds steps '
         f'{sorted(manager.all_steps())}.')
@@ -458,7 +485,11 @@ def restore_readable(manager, abstract_state, mesh,
         f'damaged step directories out of the way by hand (e.g. {by_hand}) '
         'and rerun: it resumes from the newest one left.')
   state, extra = result
-  if failed:
+  if failed and read_only:
+    logging.warning('Read the checkpoint of step %d from %s instead of the '
+                    'unreadable step(s) %s (left in place: this run only '
+                    'reads them).', s, directory, [bad for bad, _ in failed])
+  elif failed:
     if jax.process_index() == 0:
       for bad, why in failed:
         if (directory / str(bad)).is_dir():

@@ -16,6 +16,7 @@ import functools
 import json
 from typing import Any, Dict, List, Optional, Tuple
 
+from absl import logging
 from clu import metric_writers
 import jax
 import ml_collections
@@ -134,6 +135,12 @@ class MetricsLog:
     self.writer = metric_writers.AsyncMultiWriter(
         [metric_writers.SummaryWriter(workdir)] if is_writer() else [])
     self.path = paths.join(workdir, METRICS_FILE)
+    if is_writer() and paths.exists(self.path):
+      text = paths.read_text(self.path)
+      if text and not text.endswith('\n'):
+        # A line cut off by a kill or a full disk stays a line of its own
+        # (read_metrics skips it), not glued to the next record.
+        paths.append_text(self.path, '\n')
 
   def write(self, step: int, split: str, scalars: Dict[str, float]):
     self.writer.write_scalars(step, {f'{split}/{k}': v
@@ -149,15 +156,21 @@ class MetricsLog:
 
 def read_metrics(workdir: str) -> Dict[str, Dict[int, Dict[str, Any]]]:
   """{split: {step: record}} from metrics.jsonl ('train', 'val', ...; the
-  last record of a step wins: a resumed run logs some steps again)."""
+  last record of a step wins: a resumed run logs some steps again). A line
+  that does not parse (cut off by a kill or a full disk) is skipped with a
+  warning."""
   path = paths.join(workdir, METRICS_FILE)
   if not paths.exists(path):
     raise FileNotFoundError(f'{path} does not exist: {workdir} is not a '
                             'training run (or it has not logged yet).')
   out = {'train': {}, 'val': {}}
-  for line in paths.read_text(path).splitlines():
-    r = json.loads(line)
-    out.setdefault(r['split'], {})[int(r['step'])] = r
+  for number, line in enumerate(paths.read_text(path).splitlines(), 1):
+    try:
+      r = json.loads(line)
+      out.setdefault(r['split'], {})[int(r['step'])] = r
+    except (ValueError, KeyError, TypeError) as e:
+      logging.warning('%s line %d skipped (%s: %s): %.80r', path, number,
+                      type(e).__name__, e, line)
   return out
 
 
@@ -225,13 +238,6 @@ def run_workdir(path: str) -> str:
   return path
 
 
-def checkpoint_step(manager, which: str = 'latest',
-                    errors: Optional[Dict[int, float]] = None) -> int:
-  """The step of checkpoint `which`: 'latest', 'best' or a step number
-  (the first of `checkpoint_steps`)."""
-  return checkpoint_steps(manager, which, errors)[0]
-
-
 def checkpoint_steps(manager, which: str = 'latest',
                      errors: Optional[Dict[int, float]] = None) -> List[int]:
   """The steps checkpoint `which` may be, in the order to try them when one
@@ -252,9 +258,9 @@ def checkpoint_steps(manager, which: str = 'latest',
   if which == 'best':
     scored = {}
     for s in steps:
-      saved = manager.metrics(s) or {}
-      if checkpoint_lib.VAL_ERROR in saved:
-        scored[s] = float(saved[checkpoint_lib.VAL_ERROR])
+      saved = checkpoint_lib.saved_val_error(manager, s)
+      if saved is not None:
+        scored[s] = saved
       elif errors and s in errors:
         scored[s] = errors[s]
     if not scored:
@@ -295,13 +301,16 @@ def restore_params(config, workdir: str, mesh, checkpoint: str = 'latest'
   model = model_lib.create_model(config.model)
   abstract_state, _ = abstract_train_state(
       config, model, optimizer_lib.create_optimizer(config.optim), mesh)
-  manager = checkpoint_lib.create_manager(directory, config.checkpoint)
+  # Read-only: the run may still be training; its checkpoints are its own.
+  manager = checkpoint_lib.create_manager(directory, config.checkpoint,
+                                          read_only=True)
   try:
-    steps = checkpoint_steps(manager, checkpoint, val_errors(workdir))
+    steps = checkpoint_steps(manager, checkpoint, val_errors(workdir)
+                             if str(checkpoint) == 'best' else None)
     exact = str(checkpoint).isdigit()
     state, _, step = checkpoint_lib.restore_readable(
         manager, abstract_state, mesh, step=steps[0] if exact else None,
-        candidates=None if exact else steps)
+        candidates=None if exact else steps, read_only=True)
   finally:
     checkpoint_lib.close(manager)
   return model, state.params, step

@@ -325,7 +325,7 @@ def pretrained_params(config, params, mesh):
   workdir = run_dir.run_workdir(config.init_from)
   source_config = run_dir.load_config(workdir, defaults=config)
   source_model = model_lib.create_model(source_config.model)
-  size = config.data.crop_size
+  size = source_config.data.crop_size  # fc6's input depends on it.
   source_shapes = jax.eval_shape(
       source_model.init, jax.random.PRNGKey(0),
       jnp.zeros((1, size, size, 3)))['params']

@@ -147,6 +147,6 @@ def test_best_is_stored_with_its_checkpoint_and_survives_a_resume(tmp_path):
   resumed.wait_until_finished()
   assert resumed.all_steps() == [2, 5, 6]
   # 'best' reads the stored metric, not metrics.jsonl (here: none given).
-  assert run_dir.checkpoint_step(resumed, 'best') == 2
-  assert run_dir.checkpoint_step(resumed, 'best', {5: 0.1}) == 2
+  assert run_dir.checkpoint_steps(resumed, 'best')[0] == 2
+  assert run_dir.checkpoint_steps(resumed, 'best', {5: 0.1})[0] == 2
   resumed.close()

@@ -99,15 +99,6 @@ def warnings_of(caplog):
 
 
 # ------------------------------------------------------------------ damage
-def truncate_array_data(step_dir):
-  paths = (glob.glob(os.path.join(step_dir, 'state', 'd', '*')) +
-           glob.glob(os.path.join(step_dir, 'state', 'ocdbt.process_*', 'd',
-                                  '*')))
-  assert paths
-  for path in paths:
-    os.truncate(path, os.path.getsize(path) // 2)
-
-
 def garble(relative):
   def damage(step_dir):
     path = os.path.join(step_dir, relative)
@@ -123,7 +114,7 @@ def remove_item(step_dir):
 
 # name: (damage, what the warning says)
 DAMAGE = {
-    'array data truncated': (truncate_array_data, 'OUT_OF_RANGE'),
+    'array data truncated': (th.truncate_array_data, 'OUT_OF_RANGE'),
     '_METADATA garbled': (garble('state/_METADATA'), 'JSONDecodeError'),
     'manifest garbled': (garble('state/manifest.ocdbt'), 'DATA_LOSS'),
     'item missing': (remove_item, "KeyError: 'Item \"extra\" was not found"),
@@ -200,7 +191,7 @@ def test_garbled_metrics_would_stop_orbax_from_starting(ckpt):
 
 
 def test_candidates_are_tried_in_their_order(ckpt, mesh):
-  truncate_array_data(os.path.join(ckpt, '1'))
+  th.truncate_array_data(os.path.join(ckpt, '1'))
   (state, _, step), steps = restore(ckpt, mesh, candidates=[1, 2, 3])
   assert step == 2 and steps == [2, 3]  # 1 moved aside, 3 not tried.
   assert_same(state, 2)
@@ -208,7 +199,7 @@ def test_candidates_are_tried_in_their_order(ckpt, mesh):
 
 
 def test_none_readable_is_a_clear_error_and_moves_nothing(ckpt, mesh):
-  truncate_array_data(os.path.join(ckpt, '3'))
+  th.truncate_array_data(os.path.join(ckpt, '3'))
   garble('state/_METADATA')(os.path.join(ckpt, '2'))
   remove_item(os.path.join(ckpt, '1'))
   with pytest.raises(checkpoint_lib.CheckpointError) as e:
@@ -232,7 +223,7 @@ def test_a_changed_config_moves_nothing(ckpt, mesh):
 
 
 def test_an_unreadable_explicit_step_is_an_error(ckpt, mesh):
-  truncate_array_data(os.path.join(ckpt, '3'))
+  th.truncate_array_data(os.path.join(ckpt, '3'))
   with pytest.raises(checkpoint_lib.CheckpointError) as e:
     restore(ckpt, mesh, step=3)
   assert 'step 3' in str(e.value) and 'no other step is tried' in str(e.value)

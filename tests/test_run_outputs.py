@@ -126,12 +126,16 @@ def test_fine_tuning_restores_all_but_fc8(source_run, data_dir, tmp_path):
   assert loss[-1] < loss[0], loss
 
 
+@pytest.mark.parametrize('change', [
+    {'model.fc_features': 128},
+    # The same layers, but fc6 reads 2x2 maps at this crop size, not 1x1.
+    {'data.resize_size': 100, 'data.crop_size': 96}], ids=str)
 def test_fine_tuning_another_architecture_fails_clearly(source_run, data_dir,
-                                                        tmp_path):
+                                                        tmp_path, change):
   source, _, _ = source_run
   config = th.tiny_config(data_dir, init_from=os.path.join(source,
                                                            'checkpoints'),
-                          **{'model.fc_features': 128})
+                          **change)
   with pytest.raises(ValueError, match=r"differs from this one outside "
                      r"fc8(.|\n)*\['fc6'\]\['kernel'\]"):
     train.train_and_evaluate(config, str(tmp_path))

@@ -9,6 +9,7 @@ with --distributed, jax.distributed starts as launch.py starts it, from the
 cluster environment the test gives the process).
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -210,3 +211,14 @@ def _main(argv):
 
 if __name__ == '__main__':
   _main(sys.argv[1:])
+
+
+def truncate_array_data(step_dir):
+  """Halves every array data file of an orbax step directory, as a failing
+  disk or an interrupted copy leaves them."""
+  paths = (glob.glob(os.path.join(step_dir, 'state', 'd', '*')) +
+           glob.glob(os.path.join(step_dir, 'state', 'ocdbt.process_*', 'd',
+                                  '*')))
+  assert paths
+  for path in paths:
+    os.truncate(path, os.path.getsize(path) // 2)
