@@ -28,6 +28,7 @@ communication.json (cross-tower bytes) and figures/*.png
 (alexnet_jax/run_outputs.py).
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -391,128 +392,130 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
   # ---------------------------------------------------------------- logging
   paths.check_config(config, workdir)  # Before anything is written.
   run_dir.write_config(workdir, config)
-  log = run_dir.MetricsLog(workdir)
-  logging.info('Workdir %s. Processes: %d (this is %d); devices: %d global, '
-               '%d local (%s).', workdir, jax.process_count(),
-               jax.process_index(), jax.device_count(),
-               jax.local_device_count(), jax.devices()[0].platform)
-  logging.info('Config:\n%s', config)
+  # What the run opens is closed whatever happens, the last opened first,
+  # each even if one before it fails.
+  with contextlib.ExitStack() as opened:
+    log = run_dir.MetricsLog(workdir)
+    opened.callback(log.close)
+    logging.info('Workdir %s. Processes: %d (this is %d); devices: %d global, '
+                 '%d local (%s).', workdir, jax.process_count(),
+                 jax.process_index(), jax.device_count(),
+                 jax.local_device_count(), jax.devices()[0].platform)
+    logging.info('Config:\n%s', config)
 
-  # ------------------------------------------------------------------- mesh
-  mesh = mesh_lib.make_mesh(config.model.num_towers,
-                            config.mesh.tower_axis_size,
-                            config.mesh.data_axis_size)
-  mesh_lib.check_batch_size(config.batch_size, mesh)
-  logging.info('%s', mesh_lib.device_table(mesh))
-  logging.info('Batch: %d global, %d per data shard (device), %d per '
-               'process.', config.batch_size,
-               config.batch_size // mesh.shape[mesh_lib.DATA],
-               config.batch_size // jax.process_count())
+    # ------------------------------------------------------------------- mesh
+    mesh = mesh_lib.make_mesh(config.model.num_towers,
+                              config.mesh.tower_axis_size,
+                              config.mesh.data_axis_size)
+    mesh_lib.check_batch_size(config.batch_size, mesh)
+    logging.info('%s', mesh_lib.device_table(mesh))
+    logging.info('Batch: %d global, %d per data shard (device), %d per '
+                 'process.', config.batch_size,
+                 config.batch_size // mesh.shape[mesh_lib.DATA],
+                 config.batch_size // jax.process_count())
 
-  # ------------------------------------------------------------------ input
-  input_pipeline.check_config(config)
-  steps_per_epoch = input_pipeline.steps_per_epoch(config)
-  total_steps = config.total_steps or config.num_epochs * steps_per_epoch
-  cadence = Cadence(config, steps_per_epoch, total_steps)
-  logging.info('%d steps per epoch, %d steps (%.1f epochs) in all.',
-               steps_per_epoch, total_steps, total_steps / steps_per_epoch)
+    # ------------------------------------------------------------------ input
+    input_pipeline.check_config(config)
+    steps_per_epoch = input_pipeline.steps_per_epoch(config)
+    total_steps = config.total_steps or config.num_epochs * steps_per_epoch
+    cadence = Cadence(config, steps_per_epoch, total_steps)
+    logging.info('%d steps per epoch, %d steps (%.1f epochs) in all.',
+                 steps_per_epoch, total_steps, total_steps / steps_per_epoch)
 
-  # ------------------------------------------------------------------ model
-  model = model_lib.create_model(config.model)
-  tx = optimizer_lib.create_optimizer(config.optim)
-  abstract_state, init = run_dir.abstract_train_state(config, model, tx, mesh)
-  table, num_params = parameter_table(abstract_state.params)
-  logging.info('Parameters (%s):\n%s', f'{num_params:,}', table)
-  schedule = schedules.create_schedule(config, steps_per_epoch)
+    # ------------------------------------------------------------------ model
+    model = model_lib.create_model(config.model)
+    tx = optimizer_lib.create_optimizer(config.optim)
+    abstract_state, init = run_dir.abstract_train_state(config, model, tx, mesh)
+    table, num_params = parameter_table(abstract_state.params)
+    logging.info('Parameters (%s):\n%s', f'{num_params:,}', table)
+    schedule = schedules.create_schedule(config, steps_per_epoch)
 
-  # ------------------------------------------------------------- checkpoint
-  manager = checkpoint_lib.create_manager(run_dir.checkpoint_dir(workdir),
-                                          config.checkpoint)
-  if manager.latest_step() is not None:
-    # The newest readable checkpoint; unreadable newer ones are moved aside.
-    state, extra = checkpoint_lib.restore(manager, abstract_state, mesh)
-    schedule.load_state_dict(extra['schedule'])
-    logging.info('Resumed from the checkpoint of step %d in %s%s.',
-                 int(state.step), manager.directory,
-                 ' (init_from is only read by a fresh run)'
-                 if config.get('init_from') else '')
-  else:
-    state = init()
-    if config.get('init_from'):
-      state = state.replace(params=pretrained_params(config, state.params,
-                                                     mesh))
-  start_step = int(jax.device_get(state.step))
+    # ------------------------------------------------------------- checkpoint
+    manager = checkpoint_lib.create_manager(run_dir.checkpoint_dir(workdir),
+                                            config.checkpoint)
+    opened.callback(checkpoint_lib.close, manager)
+    # In-flight saves complete, even on DivergenceError; a full disk is then a
+    # clear CheckpointError (checkpoint.py).
+    opened.callback(checkpoint_lib.wait_until_finished, manager)
+    if manager.latest_step() is not None:
+      # The newest readable checkpoint; unreadable newer ones are moved aside.
+      state, extra = checkpoint_lib.restore(manager, abstract_state, mesh)
+      schedule.load_state_dict(extra['schedule'])
+      logging.info('Resumed from the checkpoint of step %d in %s%s.',
+                   int(state.step), manager.directory,
+                   ' (init_from is only read by a fresh run)'
+                   if config.get('init_from') else '')
+    else:
+      state = init()
+      if config.get('init_from'):
+        state = state.replace(params=pretrained_params(config, state.params,
+                                                       mesh))
+    start_step = int(jax.device_get(state.step))
 
-  # ----------------------------------------------------------------- update
-  train_step = train_step_lib.make_train_step(model, tx, mesh, state)
-  eval_step = train_step_lib.make_eval_step(model, mesh, state.params)
-  run_outputs.write_communication(config, workdir, model, mesh)
+    # ----------------------------------------------------------------- update
+    train_step = train_step_lib.make_train_step(model, tx, mesh, state)
+    eval_step = train_step_lib.make_eval_step(model, mesh, state.params)
+    run_outputs.write_communication(config, workdir, model, mesh)
 
-  # ------------------------------------------------------------------ evals
-  validate = Validation(config, workdir, mesh, eval_step, log)
-  last_val = {}
+    # ------------------------------------------------------------------ evals
+    validate = Validation(config, workdir, mesh, eval_step, log)
+    last_val = {}
 
-  # ------------------------------------------------------------------- loop
-  train_iter = input_pipeline.train_iterator(config, mesh,
-                                             start_step=start_step)
-  # A step's metrics are fetched while the next step runs (no per-step wait
-  # for the device), except where the host acts on that step.
-  pending = PendingMetrics(Progress(log, cadence, config.batch_size,
-                                    start_step))
-  learning_rate = None
-  trace = ProfileTrace(config, workdir)
-  try:
-    with Preemption() as preemption:
-      for step in range(start_step + 1, total_steps + 1):
-        trace.before(step)
-        batch = next(train_iter)
-        if step == 1:
-          live = live_units(model, mesh, state.params, batch['images'])
-          logging.info('Live ReLU units at step 0 (firing on some image of '
-                       'the first batch): fc6 %.1f%%, fc7 %.1f%%.',
-                       100 * live['fc6'], 100 * live['fc7'])
-        if schedule.learning_rate(step - 1) != learning_rate:
-          learning_rate = schedule.learning_rate(step - 1)
-          state = state.replace(opt_state=optimizer_lib.set_learning_rate(
-              state.opt_state, learning_rate))
-        state, metrics = train_step(state, batch)
-        trace.after(step, metrics)
-        plan = cadence.plan(step, preemption.stop_now(step))
-        pending.push(step, metrics, plan.log)
-        if plan.needs_metrics:
-          pending.flush()
+    # ------------------------------------------------------------------- loop
+    train_iter = input_pipeline.train_iterator(config, mesh,
+                                               start_step=start_step)
+    opened.callback(train_iter.close)  # Stops its prefetch thread.
+    # A step's metrics are fetched while the next step runs (no per-step wait
+    # for the device), except where the host acts on that step.
+    pending = PendingMetrics(Progress(log, cadence, config.batch_size,
+                                      start_step))
+    learning_rate = None
+    trace = ProfileTrace(config, workdir)
+    opened.callback(trace.stop)
+    try:
+      with Preemption() as preemption:
+        for step in range(start_step + 1, total_steps + 1):
+          trace.before(step)
+          batch = next(train_iter)
+          if step == 1:
+            live = live_units(model, mesh, state.params, batch['images'])
+            logging.info('Live ReLU units at step 0 (firing on some image of '
+                         'the first batch): fc6 %.1f%%, fc7 %.1f%%.',
+                         100 * live['fc6'], 100 * live['fc7'])
+          if schedule.learning_rate(step - 1) != learning_rate:
+            learning_rate = schedule.learning_rate(step - 1)
+            state = state.replace(opt_state=optimizer_lib.set_learning_rate(
+                state.opt_state, learning_rate))
+          state, metrics = train_step(state, batch)
+          trace.after(step, metrics)
+          plan = cadence.plan(step, preemption.stop_now(step))
+          pending.push(step, metrics, plan.log)
+          if plan.needs_metrics:
+            pending.flush()
 
-        val_error = None
-        if plan.evaluate:
-          last_val = validate(step, state.params)
-          val_error = last_val['top1_error']
-          schedule.observe(step, val_error)
-        if plan.save:
-          checkpoint_lib.save(manager, state,
-                              {'schedule': schedule.state_dict()}, val_error)
-        if plan.stop:
-          logging.warning('Preempted: checkpoint of step %d saved; stopping.',
-                          step)
-          break
-        if plan.final and validate.figures:
-          t0 = time.time()
-          run_outputs.final_figures(config, workdir, log.writer, step, model,
-                                    mesh, state.params)
-          logging.info('Figures written to %s (%.1fs).',
-                       os.path.join(workdir, run_outputs.FIGURES),
-                       time.time() - t0)
-  except Exception as e:  # pylint: disable=broad-except
-    lost = _lost_process(e, str(manager.directory))
-    if lost is None:
-      raise
-    logging.error('%s', lost)
-    raise lost from e
-  finally:  # In-flight saves complete, even on DivergenceError.
-    trace.stop()
-    train_iter.close()  # Stops its prefetch thread.
-    try:  # A full disk is a clear CheckpointError (checkpoint.py).
-      checkpoint_lib.wait_until_finished(manager)
-    finally:
-      checkpoint_lib.close(manager)
-      log.close()
+          val_error = None
+          if plan.evaluate:
+            last_val = validate(step, state.params)
+            val_error = last_val['top1_error']
+            schedule.observe(step, val_error)
+          if plan.save:
+            checkpoint_lib.save(manager, state,
+                                {'schedule': schedule.state_dict()}, val_error)
+          if plan.stop:
+            logging.warning('Preempted: checkpoint of step %d saved; stopping.',
+                            step)
+            break
+          if plan.final and validate.figures:
+            t0 = time.time()
+            run_outputs.final_figures(config, workdir, log.writer, step, model,
+                                      mesh, state.params)
+            logging.info('Figures written to %s (%.1fs).',
+                         os.path.join(workdir, run_outputs.FIGURES),
+                         time.time() - t0)
+    except Exception as e:  # pylint: disable=broad-except
+      lost = _lost_process(e, str(manager.directory))
+      if lost is None:
+        raise
+      logging.error('%s', lost)
+      raise lost from e
   return state, last_val
