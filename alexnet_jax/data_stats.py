@@ -10,7 +10,7 @@ cached next to the dataset.
 
 Memory is bounded: running float64 sums of one image and of 3x3 moments.
 
-The cache: a dataset's statistics at one resize size are three files in a
+The cache: a dataset's statistics at one resize size are two files in a
 directory next to the dataset (input_pipeline.stats_dir), stats_<r>.json
 holding a key (which dataset, how many training examples, the resize size
 and filter) with the PCA, and mean_image_<r>.npy. They are used while the

@@ -39,7 +39,8 @@ def size_bytes(num_images: int, resize_size: int) -> int:
   return num_images * record_dtype(resize_size).itemsize
 
 
-def _check_local(directory: str):
+def check_local(directory: str):
+  """An error unless `directory` is local (a bucket cannot be memory-mapped)."""
   if '://' in directory:
     raise ValueError(
         f'The decoded copy {directory!r} must be on a local disk: it is read '
@@ -53,7 +54,7 @@ class Writer:
 
   def __init__(self, directory: str, split: str, resize_size: int,
                shard_size: int = 4096):
-    _check_local(directory)
+    check_local(directory)
     os.makedirs(directory, exist_ok=True)
     self.directory, self.split, self.shard_size = directory, split, shard_size
     self.record = np.zeros((), record_dtype(resize_size))
@@ -85,7 +86,7 @@ class Reader:
 
   def __init__(self, directory: str, split: str, process_index: int,
                process_count: int, resize_size: int):
-    _check_local(directory)
+    check_local(directory)
     with open(os.path.join(directory, META)) as f:
       meta = json.load(f)
     if meta['resize_size'] != resize_size:

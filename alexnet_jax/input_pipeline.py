@@ -1,4 +1,5 @@
-"""Input pipeline: ImageNet (tfds), the built-in demo, or a folder of images.
+"""Input pipeline: ImageNet (tfds), the built-in demo, a folder of images,
+the prepared copies (JPEG or decoded; prepare.py), or synthetic data.
 
   train_iterator(config, mesh, start_step=0)  -> {'images', 'labels'}, forever
   eval_iterator(config, mesh, ten_crop=False) -> {'images', 'labels', 'mask'}
@@ -10,15 +11,18 @@ Determinism and resume. Each epoch has its own order, a pure function of
 (seed, epoch): shards (tfds) are permuted, then records are shuffled inside
 fixed windows of `config.data.shuffle_buffer` records (folders: the file list
 is permuted whole). Every example's augmentation is seeded by (seed, process,
-epoch, position). Records are grouped into batches *before* decoding, so
+epoch, position); from the decoded copy, whose host work is a copy of bytes,
+the augmentation runs on the device, keyed by (seed, step, example)
+(device_augment.py). Records are grouped into batches *before* decoding, so
 batch k of epoch e always holds the same records; a restart at step N skips
 whole shards and windows without reading them and lands on the same batch.
 
 Undecodable records. Each batch is decoded as a small inner dataset with
 `ignore_errors`; the holes a bad record leaves are filled by repeating the
 batch's good examples (train) or masked out (eval), so shapes and batch
-boundaries never move (a train batch with no good record at all is dropped). The number skipped travels with the batch and is
-logged (absl, WARNING) as a running total; nothing crashes.
+boundaries never move (a train batch with no good record at all is
+dropped). The number skipped travels with the batch and is logged (absl,
+WARNING) as a running total; nothing crashes.
 """
 
 import dataclasses
@@ -346,14 +350,16 @@ def stats_dir(config) -> str:
 
 def stats_key(config, source: Source):
   """What the statistics are a function of: the dataset (for a tfds dataset
-  its version and bytes, for a copy its shards; a folder by its path), its
-  training examples, the resize size and filter."""
+  its version and bytes; for a copy what prepared.json says of it, not its
+  path, so that a copy moved or copied to each host keeps its statistics; a
+  folder by its path), its training examples, the resize size and filter."""
   d = config.data
   if d.get('prepared_dir'):
     meta = json.loads(paths.read_text(paths.join(d.prepared_dir,
                                                  PREPARED_META)))
-    dataset = (f'{meta.get("format", "jpeg")} copy '
-               f'{paths.absolute(d.prepared_dir)}: {meta["splits"]["train"]}')
+    dataset = (f'{meta.get("format", "jpeg")} copy of {meta.get("source")} '
+               f'written {meta.get("written", "")}: '
+               f'{meta["splits"]["train"]}')
   elif d.dataset == 'folder':
     dataset = f'folder {paths.absolute(d.folder)}'
   else:
@@ -396,9 +402,11 @@ def training_set_stats(config, compute_if_missing=None):
     compute_if_missing = jax.process_count() == 1
   if not compute_if_missing:
     raise FileNotFoundError(
-        f'The training set\'s mean image is not in {directory}: compute it '
-        'once before a multi-process run, with python -m alexnet_jax.prepare '
-        '--config=<the same config>, or set --config.data.mean=channel.')
+        f'The training set\'s mean image for this data is not in '
+        f'{directory} (missing, or computed for other data or another '
+        'resize): compute it once before a multi-process run, with python -m '
+        'alexnet_jax.prepare --config=<the same config>, or set '
+        '--config.data.mean=channel.')
   logging.info('Computing the training set\'s mean image and RGB PCA (%s '
                'images, once; cached in %s).', f'{source.total_examples:,}',
                directory)
@@ -691,7 +699,7 @@ def train_iterator(config, mesh, start_step=0, *, process_index=None,
   pc = jax.process_count() if process_count is None else process_count
   local_batch = local_batch_size(config, mesh, pc)
   if config.data.dataset == 'synthetic':
-    return synthetic_batches(config, mesh, 'train', start_step)
+    return synthetic_batches(config, mesh, 'train', start_step, forever=True)
   source = get_source(config, 'train', pi, pc)
   steps = steps_per_epoch(config, source, pc)
   if source.decoded is not None:
@@ -737,13 +745,14 @@ def _synthetic_fns(seed, split, batch, view, num_classes, mesh):
   return images, labels
 
 
-def synthetic_batches(config, mesh, split, start_step=0, ten_crop=False):
+def synthetic_batches(config, mesh, split, start_step=0, ten_crop=False,
+                      forever=False):
   """config.data.dataset='synthetic': global batches of random images
   (N(0, 60), the scale of mean-subtracted pixels) and labels, made on the
   devices by one jitted call each, a function of (seed, split, step): no
   input pipeline, nothing read, so that a run times the training loop
-  itself. 'train' goes on forever; other splits stop after
-  synthetic_eval_examples (the last batch masked past them)."""
+  itself. `forever` for training; else (an evaluation, of any split) they
+  stop after synthetic_eval_examples, the last batch masked past them."""
   d, b = config.data, config.batch_size
   view = ((10,) if ten_crop else ()) + (d.crop_size, d.crop_size, 3)
   sharding = NamedSharding(mesh, P('data'))
@@ -751,7 +760,7 @@ def synthetic_batches(config, mesh, split, start_step=0, ten_crop=False):
                                   config.model.num_classes, mesh)
 
   def batches():
-    if split == 'train':
+    if forever:
       for step in itertools.count(start_step):
         yield {'images': images(step), 'labels': labels(step)}
     else:

@@ -25,8 +25,9 @@ it into a directory only root can write, e.g.
   ALEXNET_JAX_CACHE_DIR=/opt/alexnet_jax python -c \
       'from alexnet_jax import native; native.build()'
 The library is written readable by all (0644), and a cached one is checked and
-loaded without a lock or any write, so every user of the same TensorFlow and
-compiler can load it from there. New cache directories are made 0755.
+loaded without a lock or any write (except its owner making an old 0600 one
+readable), so every user of the same TensorFlow and compiler can load it
+from there. New cache directories are made 0755.
 
 config.data.resample picks the implementation:
   'auto'    the compiled op if it builds, else crop_and_resize with a warning
@@ -349,5 +350,5 @@ def resample_op(choice):
 def _warn_once(reason):
   logging.warning('The native resample op is not available: %s\nUsing '
                   'TensorFlow\'s crop_and_resize instead (the same crops, '
-                  '~1.5x slower augmentation); --config.data.resample=tf '
+                  'slower augmentation); --config.data.resample=tf '
                   'silences this.', reason)

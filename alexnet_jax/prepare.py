@@ -31,6 +31,7 @@ Rerunning is safe: a built dataset is kept, the copy is written again, and
 cached statistics are reused while their key matches.
 """
 
+import datetime
 import json
 import os
 import sys
@@ -107,10 +108,18 @@ def prepare(config, out_dir, quality=95, shard_size=1024, decoded=False):
   with config.unlocked():
     config.data.prepared_dir = ''  # Read the dataset itself.
   tf.io.gfile.makedirs(out_dir)
+  # Rewritten last: a rerun stopped half-way leaves no copy that looks done.
+  meta_path = os.path.join(out_dir, ip.PREPARED_META)
+  if tf.io.gfile.exists(meta_path):
+    tf.io.gfile.remove(meta_path)
   kind = 'decoded copy' if decoded else 'pre-resized copy'
   meta = {'format': decoded_copy.FORMAT if decoded else 'jpeg',
           'resize_size': d.resize_size, 'source': d.dataset, 'splits': {},
-          'skipped': {}}
+          'skipped': {},
+          # Which writing this is (the cache of its statistics is keyed by
+          # it): a rewrite changes it, a copy to another disk keeps it.
+          'written': datetime.datetime.now(
+              datetime.timezone.utc).isoformat()}
   if not decoded:
     meta['quality'] = quality
   for split in ('train', 'eval'):
@@ -132,8 +141,7 @@ def prepare(config, out_dir, quality=95, shard_size=1024, decoded=False):
     if meta['skipped'][split]:
       logging.warning('%s: skipped %d undecodable record(s).', split,
                       meta['skipped'][split])
-  with tf.io.gfile.GFile(os.path.join(out_dir, ip.PREPARED_META), 'w') as f:
-    json.dump(meta, f, indent=1)
+  paths.write_text(meta_path, json.dumps(meta, indent=1))
   return meta
 
 
@@ -162,8 +170,19 @@ def copy_sizes(config, jpeg_dir='', sample=64, quality=95):
 
 def training_command(argv, prepared_dir=None) -> str:
   """launch.py with the --config and --config.* flags of this command's
-  command line `argv` (and the copy to train from, if written)."""
-  keep = [a for a in argv[1:] if a.startswith('--config')]
+  command line `argv` (each as --flag=value, whether given so or as two
+  words), and the copy to train from if one was written (instead of any
+  prepared_dir given)."""
+  keep, args = [], list(argv[1:])
+  while args:
+    arg = args.pop(0)
+    if not arg.startswith('--config'):
+      continue
+    if '=' not in arg and args and not args[0].startswith('--'):
+      arg = f'{arg}={args.pop(0)}'
+    if not (prepared_dir and
+            arg.startswith('--config.data.prepared_dir=')):
+      keep.append(arg)
   if prepared_dir:
     keep.append(f'--config.data.prepared_dir={prepared_dir}')
   return ' '.join(['python launch.py', *keep, '--workdir=<WORKDIR>'])
@@ -176,7 +195,9 @@ def main(argv):
   f = flags.FLAGS
   config = f.config
   paths.check_config(config)
-  paths.check(f.copy_dir, '--copy_dir')
+  paths.check(f.copy_dir, '--copy_dir')  # All before any work.
+  if f.decoded_dir:
+    decoded_copy.check_local(paths.check(f.decoded_dir, '--decoded_dir'))
   source = ip.get_source(config, 'train', 0, 1)  # Builds the dataset.
   logging.info('Dataset %s: %s training images, %d classes.',
                config.data.dataset, f'{source.total_examples:,}',

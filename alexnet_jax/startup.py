@@ -30,7 +30,15 @@ import zlib
 from alexnet_jax import xla_cpu
 
 # This project's files: their records always pass.
-_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OUR_FOLDERS = ('alexnet_jax', 'configs', 'benchmarks')
+
+
+def _ours(path: str) -> bool:
+  """Whether `path` is one of this project's files: the entry scripts and
+  the folders above, not a virtualenv or anything else inside the checkout."""
+  parts = os.path.relpath(os.path.abspath(path), _REPO).split(os.sep)
+  return parts[0] != '..' and (len(parts) == 1 or parts[0] in _OUR_FOLDERS)
 
 # Warnings other libraries repeat that say nothing about the run.
 HARMLESS_WARNINGS = (
@@ -141,7 +149,7 @@ class LibraryChatter(logging.Filter):
   warnings; this project's records and every error pass."""
 
   def filter(self, record):
-    if record.pathname.startswith(_OURS) or record.levelno >= logging.ERROR:
+    if record.levelno >= logging.ERROR or _ours(record.pathname):
       return True
     if record.levelno >= logging.WARNING:
       message = record.getMessage()
@@ -275,8 +283,8 @@ def initialize_distributed(mode: str = 'auto', coordinator_address=None,
   mode 'auto': when jax's own cluster detection finds a cluster (with more
   than one process, where that can be read without asking a server);
   'on': always (an error naming the fix when nothing says how); 'off':
-  never. Explicit coordinator_address, num_processes and process_id win
-  over detection. One process per host on a GPU cluster (SLURM or Open MPI
+  never (an error if the explicit flags are given too). Explicit
+  coordinator_address, num_processes and process_id win over detection. One process per host on a GPU cluster (SLURM or Open MPI
   with one task per node) uses all the host's GPUs instead of jax's one per
   task. Logs which path ran and what it found; returns a short description.
   """
@@ -288,6 +296,10 @@ def initialize_distributed(mode: str = 'auto', coordinator_address=None,
     raise ValueError('Give all of --coordinator_address, --num_processes and '
                      '--process_id, or none of them.')
   explicit = None not in given
+  if explicit and mode == 'off':
+    raise ValueError('--distributed=off contradicts --coordinator_address, '
+                     '--num_processes and --process_id: drop one or the '
+                     'other.')
   env = None
   if not explicit:
     if mode == 'off':

@@ -5,7 +5,8 @@ Each variant is the demo (`demo` in configs/alexnet.py: 10 generated
 classes, a quarter of the kernels) with one change the paper measured or a reader asks about (§3.1
 ReLU vs tanh, §3.2 two towers vs one, §3.3 LRN, §3.4 overlapping pooling,
 §4.1 PCA colour noise, §4.2 dropout, §7 depth, the towers' exchange), shortened
-by SHORT_RUN so the default sweep fits in ~20 minutes on a 2-core CPU.
+by SHORT_RUN so that the default sweep runs in minutes on a CPU
+(docs/ABLATIONS.md says how long it took).
 
 Workdirs: <root>/<variant> (seed 0) and <root>/<variant>_seed<k> for further
 seeds. Each holds what `train.train_and_evaluate` writes plus sweep.json

@@ -63,9 +63,11 @@ class LostProcessError(RuntimeError):
   """Another process of a multi-process run stopped answering."""
 
 
-# What a collective or jax.distributed says when a peer process is gone.
+# What a collective or jax.distributed says when a peer process is gone
+# (not bare status codes such as UNAVAILABLE, which a bucket's failing
+# request raises too).
 _LOST_PEER = ('Gloo', 'Connection closed by peer', 'Connection reset by peer',
-              'UNAVAILABLE', 'DEADLINE_EXCEEDED', 'heartbeat')
+              'heartbeat', 'coordination service', 'distributed service')
 
 
 def _lost_process(error: Exception, checkpoints: str):

@@ -70,7 +70,8 @@ def bare_step(config):
   _, init = run_dir.abstract_train_state(config, model, tx, mesh)
   state = init()
   step = train_step.make_train_step(model, tx, mesh, state)
-  batch = next(input_pipeline.synthetic_batches(config, mesh, 'train'))
+  batch = next(input_pipeline.synthetic_batches(config, mesh, 'train',
+                                                forever=True))
   state, metrics = step(state, batch)  # Compile.
   jax.block_until_ready(metrics)
 

@@ -4,6 +4,7 @@ same stored pixels on any mesh, batches resume exactly, bad shards stop the
 run with what to do."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -181,3 +182,28 @@ def test_bad_shards_say_what_to_do(demo_dir, decoded, tmp_path):
   c.data.prepared_dir = 'gs://bucket/decoded'
   with pytest.raises(ValueError, match='must be on a local disk'):
     decoded_copy.Reader(c.data.prepared_dir, 'train', 0, 1, 64)
+
+
+def test_a_copy_moved_to_another_disk_keeps_its_mean_image(demo_dir, decoded,
+                                                            tmp_path):
+  """The statistics cached inside a copy are keyed by what prepared.json
+  says of it, not by its path: copied to each host's disk, the copy's mean
+  image is read, not recomputed (a multi-process run would stop on it);
+  a copy written again gets a new key."""
+  out, _ = decoded
+  here = str(tmp_path / 'here')
+  shutil.copytree(out, here)
+  c = decoded_config(demo_dir, here)
+  c.data.mean = 'image'
+  ip.forget_training_set_stats()
+  stats = ip.training_set_stats(c, compute_if_missing=True)
+  moved = str(tmp_path / 'moved')
+  shutil.copytree(here, moved)
+  c.data.prepared_dir = moved
+  ip.forget_training_set_stats()
+  again = ip.training_set_stats(c, compute_if_missing=False)
+  np.testing.assert_array_equal(again['mean_image'], stats['mean_image'])
+  prepare.prepare(demo_config(demo_dir), moved, shard_size=10, decoded=True)
+  ip.forget_training_set_stats()
+  with pytest.raises(FileNotFoundError, match='computed for other data'):
+    ip.training_set_stats(c, compute_if_missing=False)

@@ -66,11 +66,13 @@ def test_an_unused_accelerator_is_said_loudly(monkeypatch):
 
 def test_synthetic_loop_trains_and_writes_a_profile(tmp_path):
   """The whole loop on random device-made data (no input pipeline), with a
-  profiler trace of steps 3-4 in the workdir for TensorBoard."""
+  profiler trace of steps 3-4 in the workdir for TensorBoard, and the final
+  figures (their nearest neighbours read the training split once)."""
   workdir = str(tmp_path)
   config = th.tiny_config(None, total_steps=6, **{
       'data.dataset': 'synthetic', 'data.synthetic_eval_examples': 12,
-      'data.mean': 'image', 'profile.start_step': 3, 'profile.num_steps': 2})
+      'data.mean': 'image', 'profile.start_step': 3, 'profile.num_steps': 2,
+      'figures.enabled': True, 'figures.nearest_neighbours': True})
   state, val = train.train_and_evaluate(config, workdir)
   assert int(state.step) == 6
   assert val['count'] == 12  # The masked last batch is left out.
@@ -78,6 +80,8 @@ def test_synthetic_loop_trains_and_writes_a_profile(tmp_path):
   traces = glob.glob(os.path.join(workdir, 'plugins', 'profile', '*',
                                   '*.xplane.pb'))
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  assert os.path.exists(os.path.join(workdir, 'figures',
+                                     'nearest_neighbours.png'))
 
 
 def test_each_process_sizes_its_pipeline_to_its_share_of_the_host(
@@ -92,3 +96,34 @@ def test_each_process_sizes_its_pipeline_to_its_share_of_the_host(
   # A scheduler that pinned the process (--cpus-per-task=4) has decided.
   monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3})
   assert ip.host_cores_for_this_process() == 4
+
+
+def test_library_chatter_passes_ours_and_drops_libraries_even_in_a_checkout():
+  """Our records pass at any level; another library's INFO is dropped, also
+  when it is installed in a virtualenv inside the checkout."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  chatter = startup.LibraryChatter()
+
+  def passes(path, level=std_logging.INFO, message='x'):
+    return chatter.filter(std_logging.LogRecord(
+        'name', level, path, 1, message, None, None))
+
+  for ours in ('launch.py', 'alexnet_jax/train.py', 'configs/alexnet.py'):
+    assert passes(os.path.join(th.REPO, ours)), ours
+  venv = os.path.join(th.REPO, '.venv', 'lib', 'python3.11', 'site-packages',
+                      'orbax', 'checkpoint', 'x.py')
+  assert not passes(venv)
+  assert not passes(th.REPO + '2/alexnet_jax/train.py')  # A sibling folder.
+  assert passes(venv, std_logging.WARNING)
+  assert not passes(venv, std_logging.WARNING, 'Using custom data '
+                    'configuration demo')
+  assert passes(venv, std_logging.ERROR, 'Using custom data configuration')
+
+
+def test_distributed_flags_that_contradict_each_other_are_refused():
+  with pytest.raises(ValueError, match='all of --coordinator_address'):
+    startup.initialize_distributed('auto', coordinator_address='h:1')
+  with pytest.raises(ValueError, match='--distributed=off contradicts'):
+    startup.initialize_distributed('off', 'h:1', 2, 0)
+  with pytest.raises(ValueError, match="--distributed='sometimes'"):
+    startup.initialize_distributed('sometimes')

@@ -126,3 +126,17 @@ def test_several_processes_never_build_a_dataset(monkeypatch, tmp_path):
   with pytest.raises(FileNotFoundError, match='python -m alexnet_jax.prepare'):
     ip.get_source(c, 'train', 0, 2)
   assert not any(tmp_path.iterdir())
+
+
+def test_training_command_keeps_the_config_flags_in_either_form():
+  argv = ['prepare.py', '--config', 'configs/alexnet.py:demo',
+          '--config.data.manual_dir', '/data/in', '--copy_dir=/c',
+          '--config.data.prepared_dir=/old', '--config.batch_size=64']
+  assert prepare.training_command(argv, '/c') == (
+      'python launch.py --config=configs/alexnet.py:demo '
+      '--config.data.manual_dir=/data/in --config.batch_size=64 '
+      '--config.data.prepared_dir=/c --workdir=<WORKDIR>')
+  assert prepare.training_command(argv) == (
+      'python launch.py --config=configs/alexnet.py:demo '
+      '--config.data.manual_dir=/data/in --config.data.prepared_dir=/old '
+      '--config.batch_size=64 --workdir=<WORKDIR>')
