@@ -320,15 +320,38 @@ def tanh(config):
 
 # Depth +/- one conv layer (§1: "removing any convolutional layer resulted in
 # inferior performance"): another 3x3 layer like conv4 before conv5, or conv4
-# removed.
+# removed. The conv layers after it are renamed (conv5 <-> conv6), and so are
+# their entries in the per-layer settings (exchange, init_bias_one).
+def _renumber_convs(model, shift, new=None, like=None):
+  """Per-layer settings with conv<k> (k >= 5) renamed conv<k + shift>,
+  conv4 dropped if shift < 0, and layer `new` given what `like` had."""
+  def rename(names):
+    out = []
+    for name in names:
+      k = int(name[4:]) if name.startswith('conv') else 0
+      if k >= 5:
+        out.append(f'conv{k + shift}')
+      elif not (shift < 0 and k == 4):
+        out.append(name)
+      if name == like:
+        out.append(new)
+    return tuple(out)
+  model.exchange = rename(model.exchange)
+  model.init_bias_one = rename(model.init_bias_one)
+
+
 def deeper(config):
-  f = list(config.model.conv_features)
-  config.model.conv_features = tuple(f[:4] + [f[3]] + f[4:])
+  m = config.model
+  f = list(m.conv_features)
+  m.conv_features = tuple(f[:4] + [f[3]] + f[4:])
+  _renumber_convs(m, +1, new='conv5', like='conv4')
 
 
 def shallower(config):
-  f = list(config.model.conv_features)
-  config.model.conv_features = tuple(f[:3] + f[4:])
+  m = config.model
+  f = list(m.conv_features)
+  m.conv_features = tuple(f[:3] + f[4:])
+  _renumber_convs(m, -1)
 
 
 def no_exchange(config):
@@ -338,8 +361,10 @@ def no_exchange(config):
 
 def exchange_all(config):
   """Every layer after conv1 reads both towers (a one-tower net's
-  connectivity, split over two devices)."""
-  config.model.exchange = ('conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7')
+  connectivity, split over two devices), at the current depth."""
+  m = config.model
+  m.exchange = tuple(f'conv{k}' for k in range(2, len(m.conv_features) + 1)
+                     ) + ('fc6', 'fc7')
 
 
 VARIANTS = {f.__name__: f for f in (demo, no_lrn, no_overlap, one_tower, tanh,

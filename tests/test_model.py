@@ -45,6 +45,31 @@ def test_paper_parameter_count_is_exact():
   assert params['fc6']['kernel'].shape == (2, 9216, 2048)
 
 
+def test_depth_variants_rename_the_per_layer_settings():
+  """deeper/shallower rename the conv layers after the one added/removed,
+  and the exchange and bias-1 settings follow, in any variant order: the
+  last conv layer keeps the paper's bias 1; exchange_all exchanges before
+  every layer of the net it is given."""
+  def config(variant):
+    return get_config(variant).model
+  convs = lambda n: tuple(f'conv{k}' for k in range(2, n + 1))
+  for variant in ('deeper,exchange_all', 'exchange_all,deeper'):
+    assert config(variant).exchange == convs(6) + ('fc6', 'fc7'), variant
+  for variant in ('shallower,exchange_all', 'exchange_all,shallower'):
+    assert config(variant).exchange == convs(4) + ('fc6', 'fc7'), variant
+    model = create_model(config(variant))
+    assert 'conv5' not in param_shapes(model, 224)
+  assert config('deeper').exchange == ('conv3', 'fc6', 'fc7')
+  model = create_model(config('demo,deeper'))
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  biases = {k: float(np.unique(v['bias'])[0])
+            for k, v in params['params'].items()}
+  assert biases == {'conv1': 0, 'conv2': 1, 'conv3': 0, 'conv4': 1,
+                    'conv5': 1, 'conv6': 1, 'fc6': 1, 'fc7': 1, 'fc8': 0}
+  assert config('shallower').init_bias_one == ('conv2', 'conv4', 'fc6',
+                                                'fc7')
+
+
 @pytest.mark.parametrize('mode,size', [('cuda-convnet', 224), ('valid', 227),
                                        ('torchvision', 224)])
 def test_conv1_makes_55x55_maps(mode, size):
