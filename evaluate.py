@@ -65,9 +65,11 @@ def _template_config(argv):
   """The config whose fields --config.* may override: the first run's
   (configs/alexnet.py's defaults when there is none, e.g. for --help)."""
   workdir = _first_workdir(argv)
+  if workdir is None:
+    return alexnet.saved_run_defaults()
   try:
     return run_dir.load_config(workdir, alexnet.saved_run_defaults())
-  except (FileNotFoundError, TypeError):  # main() reports a bad workdir.
+  except (FileNotFoundError, ValueError):  # main() reports a bad workdir.
     return alexnet.saved_run_defaults()
 
 

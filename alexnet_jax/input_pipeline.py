@@ -218,12 +218,14 @@ def folder_source(root, split_dir, process_index, process_count):
     raise FileNotFoundError(
         f'No folder {split_root!r}. config.data.folder must hold train/<class>/'
         '*.jpg and val/<class>/*.jpg.')
-  classes = sorted(c for c in tf.io.gfile.listdir(split_root)
+  # gs:// lists folders with a trailing '/': stripped before sorting, so
+  # that the classes are numbered as from a local disk.
+  classes = sorted(c.rstrip('/') for c in tf.io.gfile.listdir(split_root)
                    if tf.io.gfile.isdir(os.path.join(split_root, c)))
   if not classes:
     raise ValueError(f'{split_root!r} has no class folders.')
   paths, labels = [], []
-  for label, c in enumerate(c.rstrip('/') for c in classes):
+  for label, c in enumerate(classes):
     files = sorted(f for f in tf.io.gfile.listdir(os.path.join(split_root, c))
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
@@ -306,6 +308,13 @@ def demo_builder(config):
   return demo_data.prepare_demo(data_dir, spec)
 
 
+def tfds_builder(config):
+  """The tfds builder of config.data.dataset ('imagenet2012' or 'demo')."""
+  if config.data.dataset == 'imagenet2012':
+    return imagenet_builder(config)
+  return demo_builder(config)
+
+
 def get_source(config, split, process_index=None, process_count=None):
   """The process's share of 'train' or 'eval'; checks the dataset exists."""
   d = config.data
@@ -327,8 +336,7 @@ def get_source(config, split, process_index=None, process_count=None):
                        'train/<class>/*.jpg and val/<class>/*.jpg>.')
     return folder_source(d.folder, {'train': 'train', 'eval': 'val'}[split],
                          pi, pc)
-  builder = (imagenet_builder if d.dataset == 'imagenet2012' else
-             demo_builder)(config)
+  builder = tfds_builder(config)
   return tfds_source(builder, _SPLITS[split], pi, pc, d.shuffle_buffer)
 
 
@@ -343,8 +351,7 @@ def stats_dir(config) -> str:
     return os.path.join(d.prepared_dir, 'stats')
   if d.dataset == 'folder':
     return os.path.join(d.folder, 'alexnet_jax_stats')
-  builder = (imagenet_builder if d.dataset == 'imagenet2012' else
-             demo_builder)(config)
+  builder = tfds_builder(config)
   return os.path.join(builder.data_dir, 'alexnet_jax_stats')
 
 
@@ -363,8 +370,7 @@ def stats_key(config, source: Source):
   elif d.dataset == 'folder':
     dataset = f'folder {paths.absolute(d.folder)}'
   else:
-    builder = (imagenet_builder if d.dataset == 'imagenet2012' else
-               demo_builder)(config)
+    builder = tfds_builder(config)
     dataset = (f'{builder.name} {builder.version} in {builder.data_dir}, '
                f'{builder.info.splits["train"].num_bytes} bytes')
   return {'dataset': dataset, 'train_examples': source.total_examples,

@@ -149,15 +149,17 @@ class AlexNet(nn.Module):
                     stride=4, padding=conv1_padding(self.conv1_padding,
                                                     images.shape[1]))
     xs = self._pool(self._lrn(xs))
-    # conv2 (5x5): each tower reads its own conv1 maps.
+    # conv2 (5x5): in the paper each tower reads its own conv1 maps.
     xs = self._conv('conv2', self._maybe_exchange('conv2', xs), widths[1], 5)
     xs = self._pool(self._lrn(xs))
-    # conv3, conv4, conv5 (3x3): conv3 reads both towers' maps (an exchange).
+    # conv3, conv4, conv5 (3x3): in the paper conv3 reads both towers' maps
+    # (an exchange), conv4 and conv5 their own. (`exchange` says where.)
     for i, features in enumerate(widths[2:], start=3):
       layer = f'conv{i}'
       xs = self._conv(layer, self._maybe_exchange(layer, xs), features, 3)
     xs = self._flatten(self._pool(xs), images.shape)
-    # fc6, fc7: each reads both towers' units (an exchange); dropout (§4.2).
+    # fc6, fc7: in the paper each reads both towers' units (an exchange);
+    # dropout (§4.2).
     for layer in ('fc6', 'fc7'):
       xs = self._dense(layer, self._maybe_exchange(layer, xs),
                        self._width(self.fc_features))

@@ -139,12 +139,16 @@ class Cadence:
 
 class ProfileTrace:
   """A profiler trace of steps [start, start + n) (config.profile) written
-  into the workdir, where TensorBoard's profile plugin finds it."""
+  into the workdir, where TensorBoard's profile plugin finds it (one
+  folder a process when there are several: their trace files, named after
+  the host, would overwrite each other)."""
 
   def __init__(self, config, workdir):
     p = config.get('profile')
     self.start = p.start_step if p else 0
     self.end = self.start + (p.num_steps if p else 0) - 1
+    if jax.process_count() > 1:
+      workdir = paths.join(workdir, f'process_{jax.process_index()}')
     self.workdir, self.active = workdir, False
 
   def before(self, step: int):
@@ -157,7 +161,7 @@ class ProfileTrace:
       self.stop(metrics)
       logging.info('Profiler trace of steps %d-%d written to %s (TensorBoard: '
                    'Profile tab).', self.start, step,
-                   os.path.join(self.workdir, 'plugins', 'profile'))
+                   paths.join(self.workdir, 'plugins', 'profile'))
 
   def stop(self, metrics=None):
     if self.active:

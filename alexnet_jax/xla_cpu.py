@@ -12,8 +12,8 @@ points set them (alexnet_jax/startup.py) before any JAX work. Why each
 - Convolutions through XNNPACK instead of YNNPACK (jax 0.10's default for
   them): YNNPACK runs a convolution with 64 or fewer output channels on one
   core (conv1's forward pass, 48 channels a tower, and conv2's input
-  gradient); XNNPACK runs all of them on every core. With these
-  convolutions XLA's own weight gradients are faster than conv.py's taps.
+  gradient); XNNPACK runs all of them on every core (which is also why
+  XLA's own convolution weight gradients are used, not hand-written ones).
   Matrix products stay YNNPACK's.
 
 The tests keep XLA's defaults: their time is compiling, and on their 8 fake

@@ -6,8 +6,8 @@
 The loop is the whole `train_and_evaluate` (launch.py's) on the paper's
 network with config.data.dataset='synthetic': random images and labels made
 on the devices, so no input pipeline; its images/s come from the run's own
-metrics.jsonl (the progress intervals, the first left out: it holds the
-compilation and the step-1 evaluation). The bare step is the same jitted
+metrics.jsonl (the progress intervals, the first two left out: step 1's
+holds the compilation, the next one step 1's evaluation). The bare step is the same jitted
 train step on the same mesh and batch, dispatched back to back. Each is
 measured `--repeats` times, alternating; the ratio of the medians says what
 the loop's per-step host work costs (goal on the CPU at batch 32: >= 95%).
@@ -45,7 +45,7 @@ def loop_config(args):
 
 def loop_rate(config) -> float:
   """Median images/s of a whole train_and_evaluate's progress intervals
-  after the first."""
+  after the first two."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from alexnet_jax import train  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as workdir:
