@@ -17,7 +17,9 @@ the reader memory-maps the shards (numpy.memmap) and takes any record
 directly: each epoch's order is a full permutation, a function of (seed,
 process, epoch), and a restart at any step reads nothing it does not use.
 Each process reads its contiguous share of the records (as the other
-sources). Memory-mapping needs local files: the copy lives on a local disk.
+sources) and opens only the shards that hold it, so a host needs the shards
+of its own processes' shares. Memory-mapping needs local files: the copy
+lives on a local disk.
 """
 
 import json
@@ -27,7 +29,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 FORMAT = 'decoded'
-META = 'prepared.json'  # The same metadata file as the JPEG copy's.
+META = 'prepared.json'  # Of either copy (input_pipeline.PREPARED_META).
 
 
 def record_dtype(resize_size: int) -> np.dtype:
@@ -37,6 +39,15 @@ def record_dtype(resize_size: int) -> np.dtype:
 
 def size_bytes(num_images: int, resize_size: int) -> int:
   return num_images * record_dtype(resize_size).itemsize
+
+
+def check_resize_size(directory: str, meta, resize_size: int):
+  """An error unless the copy (either kind) in `directory`, whose
+  prepared.json says `meta`, holds resize_size-pixel images."""
+  if meta['resize_size'] != resize_size:
+    raise ValueError(
+        f'{directory!r} holds {meta["resize_size"]}-pixel images but '
+        f'config.data.resize_size={resize_size}; prepare it again.')
 
 
 def check_local(directory: str):
@@ -85,19 +96,31 @@ class Reader:
   """One split of a decoded copy: this process's share of its records."""
 
   def __init__(self, directory: str, split: str, process_index: int,
-               process_count: int, resize_size: int):
+               process_count: int, resize_size: int, meta=None):
+    """`meta`: the copy's prepared.json, if already read."""
     check_local(directory)
-    with open(os.path.join(directory, META)) as f:
-      meta = json.load(f)
-    if meta['resize_size'] != resize_size:
-      raise ValueError(
-          f'{directory!r} holds {meta["resize_size"]}-pixel images but '
-          f'config.data.resize_size={resize_size}; prepare it again.')
+    if meta is None:
+      with open(os.path.join(directory, META)) as f:
+        meta = json.load(f)
+    check_resize_size(directory, meta, resize_size)
     self.directory, self.num_classes = directory, meta['num_classes']
     self.resize_size = resize_size
     dtype = record_dtype(resize_size)
-    self.shards, counts = [], []
-    for name, count in meta['splits'][split]:
+    names = [name for name, _ in meta['splits'][split]]
+    counts = [count for _, count in meta['splits'][split]]
+    self.counts = np.asarray(counts, np.int64)
+    self.ends = np.cumsum(self.counts)
+    self.total_examples = int(self.ends[-1]) if counts else 0
+    base, extra = divmod(self.total_examples, process_count)
+    self.lo = process_index * base + min(process_index, extra)
+    self.num_examples = base + (process_index < extra)
+    # Only the shards that hold this process's share are opened (and need
+    # to be on this host's disk).
+    self.shards = {}
+    for i, (name, count) in enumerate(zip(names, counts)):
+      if not (self.ends[i] - count < self.lo + self.num_examples and
+              self.ends[i] > self.lo):
+        continue
       path = os.path.join(directory, name)
       size = os.path.getsize(path) if os.path.exists(path) else -1
       if size != count * dtype.itemsize:
@@ -107,14 +130,7 @@ class Reader:
             f'records of {dtype.itemsize:,} bytes: it is missing, truncated or '
             'corrupt. Write the copy again (python -m alexnet_jax.prepare '
             f'--config=... --decoded_dir={directory}).')
-      self.shards.append(np.memmap(path, dtype=dtype, mode='r',
-                                   shape=(count,)))
-      counts.append(count)
-    self.ends = np.cumsum(counts)
-    self.total_examples = int(self.ends[-1]) if counts else 0
-    base, extra = divmod(self.total_examples, process_count)
-    self.lo = process_index * base + min(process_index, extra)
-    self.num_examples = base + (process_index < extra)
+      self.shards[i] = np.memmap(path, dtype=dtype, mode='r', shape=(count,))
 
   def epoch_order(self, seed: Sequence[int]) -> np.ndarray:
     """This process's record indices (0..num_examples) in the order of the
@@ -131,7 +147,7 @@ class Reader:
     labels = np.empty((len(where),), np.int32)
     for s in np.unique(shard):
       pick = np.flatnonzero(shard == s)
-      start = self.ends[s] - len(self.shards[s])
+      start = self.ends[s] - self.counts[s]
       records = self.shards[s][where[pick] - start]
       images[pick] = records['image']
       labels[pick] = records['label']

@@ -170,7 +170,7 @@ def _sharded_records(instr, spec, window):
   return records
 
 
-PREPARED_META = 'prepared.json'
+PREPARED_META = decoded_copy.META
 
 
 def prepared_source(config, split, process_index, process_count):
@@ -189,13 +189,10 @@ def prepared_source(config, split, process_index, process_count):
     meta = json.load(f)
   if meta.get('format') == decoded_copy.FORMAT:
     reader = decoded_copy.Reader(d.prepared_dir, split, process_index,
-                                 process_count, d.resize_size)
+                                 process_count, d.resize_size, meta)
     return Source(reader.num_examples, reader.total_examples,
                   reader.num_classes, None, reader)
-  if meta['resize_size'] != d.resize_size:
-    raise ValueError(
-        f'{d.prepared_dir!r} holds {meta["resize_size"]}-pixel images but '
-        f'config.data.resize_size={d.resize_size}; prepare it again.')
+  decoded_copy.check_resize_size(d.prepared_dir, meta, d.resize_size)
   files = meta['splits'][split]
   total = sum(c for _, c in files)
   lo, hi = process_range(total, process_index, process_count)
