@@ -50,6 +50,7 @@ from alexnet_jax import device_augment
 from alexnet_jax import native
 from alexnet_jax import paths
 from alexnet_jax import preprocess as pp
+from alexnet_jax import startup
 
 DATASETS = ('imagenet2012', 'demo', 'folder', 'synthetic')
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
@@ -513,7 +514,7 @@ def host_cores_for_this_process() -> int:
   cores = len(os.sched_getaffinity(0))
   if cores < (os.cpu_count() or cores):
     return cores
-  on_host = int(os.environ.get('ALEXNET_JAX_PROCESSES_ON_HOST', '1') or 1)
+  on_host = int(os.environ.get(startup.PROCESSES_ON_HOST, '1') or 1)
   return max(1, cores // max(1, on_host))
 
 
