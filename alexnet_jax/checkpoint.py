@@ -425,8 +425,9 @@ def restore_readable(manager, abstract_state, mesh,
   unreadable one is logged at WARNING with the reason; once a later candidate
   reads, those before it are moved aside (`move_aside`) and the manager
   reloaded, unless `read_only` (another run's checkpoints, read with a
-  read-only manager: they are only skipped). Collective: every process reads the same candidate
-  and keeps it only if all could (process 0's list of candidates is used).
+  read-only manager: they are only skipped). Collective: every process reads
+  the same candidate and keeps it only if all could (process 0's list of
+  candidates is used).
 
   Raises CheckpointError when none reads (nothing is then moved: the cause
   may be the run's config rather than the files), FileNotFoundError when

@@ -284,9 +284,10 @@ def initialize_distributed(mode: str = 'auto', coordinator_address=None,
   than one process, where that can be read without asking a server);
   'on': always (an error naming the fix when nothing says how); 'off':
   never (an error if the explicit flags are given too). Explicit
-  coordinator_address, num_processes and process_id win over detection. One process per host on a GPU cluster (SLURM or Open MPI
-  with one task per node) uses all the host's GPUs instead of jax's one per
-  task. Logs which path ran and what it found; returns a short description.
+  coordinator_address, num_processes and process_id win over detection.
+  One process per host on a GPU cluster (SLURM or Open MPI with one task
+  per node) uses all the host's GPUs instead of jax's one per task. Logs
+  which path ran and what it found; returns a short description.
   """
   import jax  # pylint: disable=g-import-not-at-top
   if mode not in DISTRIBUTED_MODES:

@@ -7,8 +7,9 @@ The loop is the whole `train_and_evaluate` (launch.py's) on the paper's
 network with config.data.dataset='synthetic': random images and labels made
 on the devices, so no input pipeline; its images/s come from the run's own
 metrics.jsonl (the progress intervals, the first two left out: step 1's
-holds the compilation, the next one step 1's evaluation). The bare step is the same jitted
-train step on the same mesh and batch, dispatched back to back. Each is
+holds the compilation, the next one step 1's evaluation). The bare step is
+the same jitted train step on the same mesh and batch, dispatched back to
+back. Each is
 measured `--repeats` times, alternating; the ratio of the medians says what
 the loop's per-step host work costs (goal on the CPU at batch 32: >= 95%).
 """
