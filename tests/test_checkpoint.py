@@ -21,12 +21,6 @@ from alexnet_jax import train_step as train_step_lib
 from tests import train_helpers as th
 
 
-def _assert_same_tree(a, b):
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
-                          jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
-
-
 def test_kill9_then_resume_is_bitwise_the_uninterrupted_run(data_dir,
                                                             tmp_path):
   overrides = {'data.data_dir': data_dir, 'total_steps': 10,
@@ -51,7 +45,7 @@ def test_kill9_then_resume_is_bitwise_the_uninterrupted_run(data_dir,
   a, a_extra = th.restore_latest(whole, config)
   b, b_extra = th.restore_latest(broken, config)
   assert int(a.step) == int(b.step) == 10
-  _assert_same_tree(a, b)  # Params, momentum, lr, rng: bit for bit.
+  th.assert_trees_equal(a, b)  # Params, momentum, lr, rng: bit for bit.
   assert a_extra == b_extra  # The plateau rule's state ...
   assert a_extra['schedule']['best_error'] is not None  # ... not a blank one.
   assert th.read_metrics(whole) == th.read_metrics(broken)
@@ -106,7 +100,7 @@ def test_restore_onto_another_mesh(data_dir, tmp_path):
 
   one = mesh_lib.make_mesh(config.model.num_towers, 1, 1)
   state, _ = th.restore_latest(workdir, config, one)
-  _assert_same_tree(jax.device_get(trained), state)
+  th.assert_trees_equal(jax.device_get(trained), state)
 
   model = model_lib.create_model(config.model)
   manager = checkpoint_lib.create_manager(

@@ -208,27 +208,3 @@ def test_a_copy_moved_to_another_disk_keeps_its_mean_image(demo_dir, decoded,
   with pytest.raises(FileNotFoundError, match='computed for other data'):
     ip.training_set_stats(c, compute_if_missing=False)
 
-
-def test_a_process_needs_only_the_shards_of_its_share(demo_dir, decoded,
-                                                     tmp_path):
-  """With 3 processes, the last one's shards removed from a host: processes
-  0 and 1 still read their shares there (exactly as from the whole copy),
-  process 2 is told its shard is missing."""
-  out, meta = decoded
-  r = demo_config(demo_dir).data.resize_size
-  part = str(tmp_path / 'part')
-  shutil.copytree(out, part)
-  last = decoded_copy.Reader(out, 'train', 2, 3, r)
-  start = 0
-  for name, n in meta['splits']['train']:
-    if start >= last.lo:  # A shard of process 2's records only.
-      os.remove(os.path.join(part, name))
-    start += n
-  for i in (0, 1):
-    here = decoded_copy.Reader(part, 'train', i, 3, r)
-    whole = decoded_copy.Reader(out, 'train', i, 3, r)
-    order = here.epoch_order((0, i, 0))
-    for a, b in zip(here.read(order), whole.read(order)):
-      np.testing.assert_array_equal(a, b)
-  with pytest.raises(ValueError, match='holds nothing'):
-    decoded_copy.Reader(part, 'train', 2, 3, r)

@@ -359,7 +359,6 @@ def test_reading_a_damaged_run_falls_back_and_changes_nothing(runs, tmp_path):
     _, params, step = run_dir.restore_params(config, c, mesh, which)
     assert step == 1, which
   _, expected, _ = run_dir.restore_params(config, a, mesh, '1')
-  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
-    np.testing.assert_array_equal(x, y)
+  th.assert_trees_equal(params, expected)
   assert sorted(os.listdir(ckpt)) == before
   assert set(run_dir.val_errors(c)) == {1, 2}

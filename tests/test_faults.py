@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -81,11 +80,7 @@ def on_mesh(state, mesh):
 
 
 def assert_same(restored, step, row=ROW):
-  expected = host_state(step, row)
-  for (path, x), y in zip(
-      jax.tree_util.tree_leaves_with_path(jax.device_get(restored)),
-      jax.tree.leaves(expected)):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  th.assert_trees_equal(restored, host_state(step, row))
 
 
 def files_under(path):
@@ -235,17 +230,11 @@ def test_an_unreadable_explicit_step_is_an_error(ckpt, mesh):
 
 
 # ---------------------------------------------------------- two processes
-def free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_agree_on_the_older_step(tmp_path):
   """Only process 1 cannot read step 2 (its own shard's file is truncated);
   both restore step 1, and step 2 is moved aside once."""
   d = str(tmp_path / 'checkpoints')
-  port = free_port()
+  port = th.free_port()
   procs = [subprocess.Popen(
       [sys.executable, os.path.join('tests', 'fault_restore_agree.py'),
        str(i), str(port), d], cwd=th.REPO, env=th.subprocess_env(2),

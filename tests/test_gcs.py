@@ -6,6 +6,7 @@ bucket; paths no installed layer can serve fail at start."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,17 +46,6 @@ def run(cmd, env, timeout=600):
   return proc.stdout + proc.stderr
 
 
-def metrics(text):
-  """{(split, step): record} of a metrics.jsonl, the last record winning (a
-  resumed run logs again the steps after its checkpoint); timings dropped."""
-  out = {}
-  for line in text.splitlines():
-    r = json.loads(line)
-    r.pop('images_per_sec', None)
-    out[(r['split'], r['step'])] = r
-  return out
-
-
 def test_a_run_in_a_bucket_is_killed_resumed_evaluated_and_reported(
     gcs, data_dir, tmp_path):
   env = gcs.subprocess_env(th.subprocess_env(2))
@@ -67,19 +57,23 @@ def test_a_run_in_a_bucket_is_killed_resumed_evaluated_and_reported(
   cmd = sweep_command(root, data_dir, steps)
   proc = subprocess.Popen(cmd, cwd=th.REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
+  # A step is finished when orbax writes its commit_success.txt (items have
+  # one of their own, earlier, inside the step).
+  finished = re.compile(r'.*/checkpoints/\d+/commit_success\.txt')
   committed = lambda: [n for n in gcs.objects('sweeps/a/baseline/checkpoints/')
-                       if n.endswith('commit_success.txt')]
+                       if finished.fullmatch(n)]
   th.wait_for(lambda: committed(), proc, timeout=300,
               what='a checkpoint in the bucket')
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not any(f'/checkpoints/{steps}/' in n for n in committed()), (
       'killed too late')
-  run(cmd, env)  # The same command resumes.
+  out = run(cmd, env)  # The same command resumes.
+  assert 'Resumed from the checkpoint of step' in out, out[-3000:]
 
-  want = metrics(open(os.path.join(local, 'baseline',
-                                   'metrics.jsonl')).read())
-  got = metrics(gcs.read('sweeps/a/baseline/metrics.jsonl').decode())
+  want = th.read_metrics(os.path.join(local, 'baseline'))
+  got = th.metrics_of_text(
+      gcs.read('sweeps/a/baseline/metrics.jsonl').decode())
   assert got == want
   assert not os.path.exists(os.path.join(th.REPO, 'gs:'))
 

@@ -241,6 +241,7 @@ def test_mean_image_cache_is_reused_and_rebuilt_when_its_key_changes(
   first = ip.load_mean(c)
   path = ip.training_set_stats(c)['path']
   stamp = os.stat(path).st_mtime_ns
+  ip.forget_training_set_stats()  # As the next run, in a new process.
   np.testing.assert_array_equal(ip.load_mean(c), first)
   assert spy.calls == 1 and os.stat(path).st_mtime_ns == stamp
 
@@ -278,6 +279,7 @@ def test_missing_mean_image_cache_is_an_error_naming_prepare(tmp_path,
   assert spy.calls == 0
   stats = ip.training_set_stats(c, compute_if_missing=True)
   assert spy.calls == 1
+  ip.forget_training_set_stats()  # As the next run, in a new process.
   np.testing.assert_array_equal(ip.load_mean(c), stats['mean_image'])
   np.testing.assert_array_equal(
       ip.training_set_stats(c, compute_if_missing=False)['mean_image'],

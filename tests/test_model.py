@@ -62,10 +62,11 @@ def test_depth_variants_rename_the_per_layer_settings():
   assert config('deeper').exchange == ('conv3', 'fc6', 'fc7')
   model = create_model(config('demo,deeper'))
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
-  biases = {k: float(np.unique(v['bias'])[0])
+  biases = {k: np.unique(v['bias']).tolist()
             for k, v in params['params'].items()}
-  assert biases == {'conv1': 0, 'conv2': 1, 'conv3': 0, 'conv4': 1,
-                    'conv5': 1, 'conv6': 1, 'fc6': 1, 'fc7': 1, 'fc8': 0}
+  assert biases == {'conv1': [0], 'conv2': [1], 'conv3': [0], 'conv4': [1],
+                    'conv5': [1], 'conv6': [1], 'fc6': [1], 'fc7': [1],
+                    'fc8': [0]}
   assert config('shallower').init_bias_one == ('conv2', 'conv4', 'fc6',
                                                 'fc7')
 

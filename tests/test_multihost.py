@@ -7,7 +7,6 @@ logs. jax.distributed is started the way jax detects clusters
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,12 +17,6 @@ import pytest
 
 from alexnet_jax import startup
 from tests import train_helpers as th
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 def slurm_env(i, n=2, port=None):
@@ -96,7 +89,7 @@ def test_cluster_processes_match_one_process(data_dir, tmp_path):
   runs = {}
   for name, env in (('slurm', slurm_env), ('ompi', ompi_env)):
     runs[name] = str(tmp_path / name)
-    port = free_port()
+    port = th.free_port()
     outs = finish([launch(runs[name], flags, env(i, port=port))
                    for i in range(2)])
     cluster = {'slurm': 'SlurmCluster', 'ompi': 'OmpiCluster'}[name]
@@ -113,8 +106,7 @@ def test_cluster_processes_match_one_process(data_dir, tmp_path):
   for name, multi in runs.items():
     a, _ = th.restore_latest(multi, config)
     assert int(a.step) == int(b.step) == 4
-    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
+    th.assert_trees_equal(a.params, b.params, rtol=1e-5, atol=1e-6)
     m = th.read_metrics(multi)
     assert m.keys() == s.keys()
     lines = lambda d: open(os.path.join(d, 'metrics.jsonl')).read().count('\n')
@@ -198,7 +190,7 @@ FAULT_RUN = {'total_steps': 12, 'mesh.data_axis_size': 2,
 
 
 def start_pair(workdir, data_dir, sleep=0.0, heartbeat=100):
-  port = free_port()
+  port = th.free_port()
   return [th.start(workdir, {'data.data_dir': data_dir, **FAULT_RUN},
                    sleep=sleep, cluster_env=slurm_env(i, port=port),
                    heartbeat=heartbeat) for i in range(2)]
@@ -211,9 +203,9 @@ def test_preemption_and_a_lost_process_then_resume_exactly(data_dir,
   heartbeat timeout, never hangs. Rerunning both each time resumes from the
   last checkpoint: the end is the uninterrupted run's, bit for bit."""
   whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
+  # The uninterrupted pair runs beside the preempted one (which sleeps
+  # between steps), and is done before the timed lost-process phase.
   uninterrupted = start_pair(whole, data_dir)
-  finish(uninterrupted)
-
   procs = start_pair(broken, data_dir, sleep=0.3)
   th.wait_for(lambda: 2 in th.checkpoint_steps(broken), procs[0],
               what='the checkpoint of step 2')
@@ -224,6 +216,7 @@ def test_preemption_and_a_lost_process_then_resume_exactly(data_dir,
   stopped = [int(o.split('Preempted: checkpoint of step ')[1].split(' ')[0])
              for o in outs]
   assert stopped[0] == stopped[1] == max(saved) < FAULT_RUN['total_steps']
+  finish(uninterrupted)
 
   procs = start_pair(broken, data_dir, sleep=0.3, heartbeat=10)
   th.wait_for(lambda: max(th.checkpoint_steps(broken)) > stopped[0],
@@ -233,19 +226,19 @@ def test_preemption_and_a_lost_process_then_resume_exactly(data_dir,
   out, _ = procs[0].communicate(timeout=120)
   assert time.time() - t0 < 60, 'the surviving process took too long'
   assert procs[0].returncode != 0
+  assert f'Resumed from the checkpoint of step {stopped[0]} ' in out
   # Its next step's collective fails at once: the trainer says what happened.
   assert 'LostProcessError: Training stopped: another process of this run' in (
       out), out[-3000:]
   procs[1].wait()
   assert max(th.checkpoint_steps(broken)) < FAULT_RUN['total_steps']
 
-  finish(start_pair(broken, data_dir))  # Resumes.
+  outs = finish(start_pair(broken, data_dir))
+  assert all('Resumed from the checkpoint of step' in o for o in outs)
   config = th.tiny_config(data_dir, **FAULT_RUN)
   a, a_extra = th.restore_latest(whole, config)
   b, b_extra = th.restore_latest(broken, config)
   assert int(a.step) == int(b.step) == FAULT_RUN['total_steps']
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
-                          jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+  th.assert_trees_equal(a, b)
   assert a_extra == b_extra
   assert th.read_metrics(whole) == th.read_metrics(broken)

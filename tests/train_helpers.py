@@ -12,6 +12,7 @@ cluster environment the test gives the process).
 import glob
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -75,16 +76,28 @@ def prepare_data_with(data_dir, overrides):
 
 
 def read_metrics(workdir):
-  """{(split, step): record} from metrics.jsonl, the last record winning
-  (a resumed run logs again the steps a killed run logged after its last
-  checkpoint); images/s, a timing, is dropped."""
-  out = {}
+  """{(split, step): record} from a workdir's metrics.jsonl
+  (`metrics_of_text`)."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      r = json.loads(line)
-      r.pop('images_per_sec', None)
-      out[(r['split'], r['step'])] = r
+    return metrics_of_text(f.read())
+
+
+def metrics_of_text(text):
+  """{(split, step): record} of a metrics.jsonl's text, the last record
+  winning (a resumed run logs again the steps a killed run logged after its
+  last checkpoint); images/s, a timing, is dropped."""
+  out = {}
+  for line in text.splitlines():
+    r = json.loads(line)
+    r.pop('images_per_sec', None)
+    out[(r['split'], r['step'])] = r
   return out
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
 
 def checkpoint_steps(workdir):
@@ -222,3 +235,20 @@ def truncate_array_data(step_dir):
   assert paths
   for path in paths:
     os.truncate(path, os.path.getsize(path) // 2)
+
+
+def assert_trees_equal(a, b, **tolerance):
+  """The same tree structure and, leaf by leaf, the same arrays: bit for bit,
+  or within `tolerance` (assert_allclose's rtol/atol)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  a, b = jax.device_get((a, b))
+  assert jax.tree.structure(a) == jax.tree.structure(b), (
+      jax.tree.structure(a), jax.tree.structure(b))
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
+                          jax.tree.leaves(b)):
+    if tolerance:
+      np.testing.assert_allclose(x, y, err_msg=jax.tree_util.keystr(path),
+                                 **tolerance)
+    else:
+      np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
