@@ -13,7 +13,8 @@ to every variant (a misspelt field fails before anything runs). Runs go one
 after another; running the command again skips finished workdirs and resumes
 an interrupted one.
 
-Expected time: ~20 minutes for the 10 default variants on a 2-core CPU (the
+Expected time: about 9-26 minutes for the 10 default variants on a 2-core
+CPU (docs/ABLATIONS.md says how long its run took; the
 first run also generates the demo data); each run's time is logged and kept
 in <workdir>/sweep.json.
 """

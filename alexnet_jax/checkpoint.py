@@ -55,6 +55,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from alexnet_jax import paths
 from alexnet_jax import train_step as train_step_lib
 
 VAL_ERROR = 'val_top1_error'
@@ -165,6 +166,14 @@ def _step_dirs(directory: epath.Path) -> Dict[int, epath.Path]:
           if _STEP_NAME.match(p.name) and p.is_dir()}
 
 
+def _val_error(metrics) -> Optional[float]:
+  """The validation error in a checkpoint's saved metrics, if a number."""
+  value = metrics.get(VAL_ERROR) if isinstance(metrics, dict) else None
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  return float(value)
+
+
 def _metrics_problem(step_dir: epath.Path) -> Optional[str]:
   """Why orbax could not use the metrics saved with a step (None: it can)."""
   path = step_dir / 'metrics' / 'metrics'
@@ -174,8 +183,7 @@ def _metrics_problem(step_dir: epath.Path) -> Optional[str]:
     metrics = json.loads(path.read_text())
   except Exception as e:  # pylint: disable=broad-except
     return f'its metrics file {path} is unreadable: {_summary(e)}'
-  value = metrics.get(VAL_ERROR) if isinstance(metrics, dict) else None
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
+  if _val_error(metrics) is None:
     return (f'its metrics file {path} holds no number {VAL_ERROR!r} '
             f'({str(metrics)[:100]})')
   return None
@@ -190,10 +198,7 @@ def saved_val_error(manager, step: int) -> Optional[float]:
     logging.warning('Checkpoint of step %d in %s: its saved metrics are '
                     'unreadable (%s).', step, manager.directory, _summary(e))
     return None
-  value = saved.get(VAL_ERROR) if isinstance(saved, dict) else None
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    return None
-  return float(value)
+  return _val_error(saved)
 
 
 def _move_aside_bad_metrics(directory) -> None:
@@ -249,10 +254,6 @@ def create_manager(directory, checkpoint_config, read_only: bool = False
 
 
 # ------------------------------------------------------------------- save
-def _is_local(directory) -> bool:
-  return '://' not in str(directory)
-
-
 def _bytes_on_disk(path) -> int:
   total = 0
   for root, _, files in os.walk(path):
@@ -308,7 +309,7 @@ def _check_space(manager, state, step: int) -> None:
   """Raises CheckpointError on every process if any lacks the space."""
   directory = manager.directory
   problem = ''
-  if _is_local(directory):
+  if not paths.is_remote(directory):
     need, free = space_needed(directory, state), _free_bytes(directory)
     if free < need:
       problem = (f'Not enough disk space to save the checkpoint of step '
@@ -342,7 +343,7 @@ def _full_disk_error(manager, e: BaseException) -> CheckpointError:
   what = ('The checkpoint' if step is None
           else f'The checkpoint of step {step}')
   free = (f' ({_human(_free_bytes(manager.directory))} free now)'
-          if _is_local(manager.directory) else '')
+          if not paths.is_remote(manager.directory) else '')
   return CheckpointError(
       f'{what} could not be written to {manager.directory}: the disk is '
       f'full{free}. {_advice(manager)} The error: {_summary(e)}')

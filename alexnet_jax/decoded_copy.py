@@ -8,7 +8,8 @@ lighting and mean subtraction run on the accelerator (device_augment.py).
 The price is size: 196,612 bytes an image at 256 (ImageNet's training set:
 about 252 GB), which wants the page cache or a fast local disk.
 
-Format (written by `python -m alexnet_jax.prepare --decoded_dir=DIR`):
+Format (written by `python -m alexnet_jax.prepare --config=...
+--decoded_dir=DIR`):
 DIR/prepared.json ("format": "decoded", resize_size, num_classes, each
 split's shards and record counts) and DIR/<split>-NNNNN.bin shards of
 fixed-length records, a little-endian int32 label then the image's r*r*3
@@ -17,9 +18,9 @@ the reader memory-maps the shards (numpy.memmap) and takes any record
 directly: each epoch's order is a full permutation, a function of (seed,
 process, epoch), and a restart at any step reads nothing it does not use.
 Each process reads its contiguous share of the records (as the other
-sources) and opens only the shards that hold it, so a host needs the shards
-of its own processes' shares. Memory-mapping needs local files: the copy
-lives on a local disk.
+sources). Memory-mapping needs local files: the copy lives on a local disk,
+whole on each host (the run also reads the split's size and classes, and the
+statistics, from every shard).
 """
 
 import json
@@ -114,13 +115,8 @@ class Reader:
     base, extra = divmod(self.total_examples, process_count)
     self.lo = process_index * base + min(process_index, extra)
     self.num_examples = base + (process_index < extra)
-    # Only the shards that hold this process's share are opened (and need
-    # to be on this host's disk).
-    self.shards = {}
-    for i, (name, count) in enumerate(zip(names, counts)):
-      if not (self.ends[i] - count < self.lo + self.num_examples and
-              self.ends[i] > self.lo):
-        continue
+    self.shards = []
+    for name, count in zip(names, counts):
       path = os.path.join(directory, name)
       size = os.path.getsize(path) if os.path.exists(path) else -1
       if size != count * dtype.itemsize:
@@ -130,7 +126,8 @@ class Reader:
             f'records of {dtype.itemsize:,} bytes: it is missing, truncated or '
             'corrupt. Write the copy again (python -m alexnet_jax.prepare '
             f'--config=... --decoded_dir={directory}).')
-      self.shards[i] = np.memmap(path, dtype=dtype, mode='r', shape=(count,))
+      self.shards.append(np.memmap(path, dtype=dtype, mode='r',
+                                   shape=(count,)))
 
   def epoch_order(self, seed: Sequence[int]) -> np.ndarray:
     """This process's record indices (0..num_examples) in the order of the

@@ -13,8 +13,8 @@ every training process): `python -m alexnet_jax.prepare --config=...`.
    every image's shorter side resized to config.data.resize_size and the
    central square cropped (preprocess.decode_and_resize, as evaluation
    does), stored as a JPEG in TFRecord shards with its label, in the
-   dataset's order, train and validation. Decoding a 256x256 JPEG is several
-   times cheaper than an ImageNet original (docs/BENCHMARKS_input.md).
+   dataset's order, train and validation. Decoding a 256x256 JPEG is about
+   twice as cheap as an ImageNet original (docs/BENCHMARKS_input.md).
    Undecodable records are left out and counted. The stored pixels are
    rounded to 8 bits and JPEG-compressed once more (quality 95): a small
    loss, the price of the cheaper decode.

@@ -2,8 +2,9 @@
 
 `build_report(root, out)` reads every <root>/*/sweep.json (alexnet_jax/
 sweep.py), the run's metrics.jsonl, config.json and final checkpoint, and
-writes `out` (markdown) with its PNGs in `<out without .md>/`, e.g.
-docs/ABLATIONS.md and docs/ablations/*.png. Per variant (averaged over seeds):
+writes `out` (markdown) with its PNGs in `<out without .md, lowercased>/`,
+e.g. docs/ABLATIONS.md and docs/ablations/*.png. Per variant (averaged over
+seeds):
 
 - final validation top-1/top-5 error (centre crop, the run's last evaluation)
   and the difference to the baseline, in percentage points, next to the

@@ -100,7 +100,6 @@ def load_config(workdir: str, defaults=None,
   if defaults is not None:
     added = _fill_missing(config, defaults)
     removed = _drop_unknown(config, defaults)
-    from absl import logging  # pylint: disable=g-import-not-at-top
     if added:
       logging.info('%s predates config fields %s: using their defaults.',
                    workdir, ', '.join(added))

@@ -488,8 +488,9 @@ def train_and_evaluate(config, workdir: str) -> Tuple[Any, Dict[str, float]]:
             logging.info('Live ReLU units at step 0 (firing on some image of '
                          'the first batch): fc6 %.1f%%, fc7 %.1f%%.',
                          100 * live['fc6'], 100 * live['fc7'])
-          if schedule.learning_rate(step - 1) != learning_rate:
-            learning_rate = schedule.learning_rate(step - 1)
+          lr = schedule.learning_rate(step - 1)
+          if lr != learning_rate:
+            learning_rate = lr
             state = state.replace(opt_state=optimizer_lib.set_learning_rate(
                 state.opt_state, learning_rate))
           state, metrics = train_step(state, batch)

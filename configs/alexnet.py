@@ -22,7 +22,8 @@ Variants (``--config=configs/alexnet.py:VARIANT``):
                a 2-core CPU.
   no_lrn       ablation: no local response normalisation (§3.3).
   no_overlap   ablation: 2x2/2 pools instead of overlapping 3x3/2 (§3.4).
-  one_tower    ablation: one tower with half the kernels per conv layer (§3.2).
+  one_tower    ablation: one tower, half the kernels in conv1-conv4; conv5 and
+               fc6/fc7 whole (§3.2, fn. 2).
   tanh         ablation: tanh instead of ReLU (§3.1).
   deeper, shallower  one conv layer more (another conv4) or fewer (no conv4).
   no_exchange  the towers never exchange features (fc8 still sums them).
@@ -157,8 +158,9 @@ def get_config(variant: str = ''):
   # TensorFlow's crop_and_resize (the same crops, slower augmentation), 'auto'
   # native if it builds, else tf with a warning (alexnet_jax/native.py).
   d.resample = 'auto'
-  # A pre-resized copy (the paper's trick) written by `python -m
-  # alexnet_jax.prepare --config=... --out=DIR`; '' reads the dataset itself.
+  # A copy written by `python -m alexnet_jax.prepare --config=...
+  # --copy_dir=DIR` (pre-resized JPEGs, the paper's trick) or `--decoded_dir=
+  # DIR` (raw uint8 pixels, local disk only); '' reads the dataset itself.
   d.prepared_dir = ''
   # Records are shuffled inside fixed windows of this many (after permuting
   # the shards each epoch), so a restart can jump to any step cheaply.
