@@ -203,9 +203,8 @@ def test_preemption_and_a_lost_process_then_resume_exactly(data_dir,
   heartbeat timeout, never hangs. Rerunning both each time resumes from the
   last checkpoint: the end is the uninterrupted run's, bit for bit."""
   whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
-  # The uninterrupted pair runs beside the preempted one (which sleeps
-  # between steps), and is done before the timed lost-process phase.
-  uninterrupted = start_pair(whole, data_dir)
+  finish(start_pair(whole, data_dir))  # Uninterrupted.
+
   procs = start_pair(broken, data_dir, sleep=0.3)
   th.wait_for(lambda: 2 in th.checkpoint_steps(broken), procs[0],
               what='the checkpoint of step 2')
@@ -216,7 +215,6 @@ def test_preemption_and_a_lost_process_then_resume_exactly(data_dir,
   stopped = [int(o.split('Preempted: checkpoint of step ')[1].split(' ')[0])
              for o in outs]
   assert stopped[0] == stopped[1] == max(saved) < FAULT_RUN['total_steps']
-  finish(uninterrupted)
 
   procs = start_pair(broken, data_dir, sleep=0.3, heartbeat=10)
   th.wait_for(lambda: max(th.checkpoint_steps(broken)) > stopped[0],
